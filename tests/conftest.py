@@ -51,7 +51,10 @@ def compose(*overrides: str, task_name: str = "test") -> DictConfig:
 
 def _shared_artifact(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
     """Build ``name`` once for all xdist workers: the first one builds, the others wait and reuse."""
-    root = tmp_path_factory.getbasetemp().parent / "leaflens-shared"
+    # Under xdist each worker's basetemp sits inside this session's directory; without xdist the parent would be
+    # shared by every past session, so stay inside basetemp then.
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "leaflens-shared"
     root.mkdir(parents=True, exist_ok=True)
     done = root / f"{name}.json"
     with FileLock(str(root / f"{name}.lock")):

@@ -1,0 +1,173 @@
+"""Training throughput: end-to-end (data loader + Lightning + model) vs model-only steps on the same batches.
+
+    python scripts/bench_train.py --processed data/processed [key=value ...]
+
+Runs the real training config (default ``experiment=plantvillage_mini``) through ``lightning.Trainer.fit`` for
+``--warmup + --steps`` batches, recording every batch; then replays the recorded batches through the same
+LightningModule's training step + backward + optimizer step with no loader. Both are measured in this one
+process,
+so the ratio (end-to-end / model-only; target >= 0.9 on CPU) is meaningful even on a noisy, shared machine.
+Prints the numbers and writes the ``## Training`` section of ``reports/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+# glibc malloc otherwise hands memory back to the OS every step and page-faults it back (see the Makefile).
+_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
+if any(
+    k not in os.environ for k in _MALLOC
+):  # malloc reads these at start-up only: re-execute once with them
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from timm.data import resolve_data_config  # noqa: E402
+
+from leaflens.config import load_config  # noqa: E402
+from leaflens.data.datamodule import PlantVillageDataModule  # noqa: E402
+from leaflens.data.taxonomy import load_classes  # noqa: E402
+from leaflens.train.checkpoint import create_backbone  # noqa: E402
+from leaflens.train.module import ClassifierModule  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class BatchClock(Callback):
+    """Wall time from the end of the warm-up batches to the last batch; keeps a copy of every batch."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.start = self.end = 0.0
+        self.images = 0
+
+    # type: ignore[no-untyped-def]
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append((batch[0].clone(), batch[1].clone()))
+        now = time.perf_counter()
+        if batch_idx + 1 == self.warmup:
+            self.start = now
+        elif batch_idx + 1 > self.warmup:
+            self.end = now
+            self.images += int(batch[1].numel())
+
+
+def model_only(module: ClassifierModule, batches: list, warmup: int) -> float:
+    """Images/s of forward + loss + backward + AdamW on in-memory batches (no loader, no Lightning loop)."""
+    module.train()
+    optimizer = module.optimizer_factory(
+        [{"params": [p for p in module.net.parameters() if p.requires_grad], "weight_decay": 0.0}]
+    )
+    start, images = 0.0, 0
+    for index, batch in enumerate(batches):
+        if index == warmup:
+            start = time.perf_counter()
+        # What ClassifierModule.training_step computes, without Lightning's logging.
+        loss = module._loss(module(batch[0]), batch[1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index >= warmup:
+            images += int(batch[1].numel())
+    return images / (time.perf_counter() - start)
+
+
+def write_section(path: Path, body: str, title: str = "## Training") -> None:
+    """Replace (or append) the ``title`` section of a markdown file, leaving other sections alone."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
+    if start is None:
+        new = text.rstrip("\n") + f"\n\n{title}\n\n{body.strip()}\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "\n".join([*lines[:start], title, "", body.strip(), "", *lines[end:]]).rstrip("\n") + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processed", type=Path, required=True, help="a prepared data.processed_dir")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--report", type=Path, default=REPO / "reports" / "benchmarks.md")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides (default experiment=plantvillage_mini)"
+    )
+    args = parser.parse_args()
+
+    overrides = args.overrides or ["experiment=plantvillage_mini"]
+    cfg = load_config([*overrides, f"data.processed_dir={args.processed}", "logger=none"], task_name="bench")
+    L.seed_everything(cfg.seed)
+    num_classes = len(load_classes(args.processed))
+    net = create_backbone(cfg, num_classes)
+    data_config = resolve_data_config({}, model=net)
+    net = instantiate(cfg.peft)(net)
+    dm = PlantVillageDataModule(args.processed, data_config, **cfg.data.loader, augment=cfg.data.augment)
+    module = ClassifierModule(
+        net,
+        num_classes,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=None,
+        freeze_bn_stats=cfg.model.freeze_bn_stats,
+        channels_last=cfg.optim.channels_last,
+    )
+    clock = BatchClock(args.warmup)
+    batches = args.warmup + args.steps
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        precision=cfg.trainer.precision,
+    )
+    trainer.fit(module, datamodule=dm)
+    if len(clock.batches) < batches:
+        raise SystemExit(f"only {len(clock.batches)} training batches available; lower --steps")
+    end_to_end = clock.images / (clock.end - clock.start)
+    model = model_only(module, clock.batches, args.warmup)
+    ratio = end_to_end / model
+
+    loader = cfg.data.loader
+    body = (
+        f"`python scripts/bench_train.py --processed <prepared mini set> {' '.join(overrides)}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"peft={cfg.peft.strategy}, model={cfg.model.name}, input {tuple(data_config['input_size'])}, "
+        f"batch {loader.batch_size}, {loader.num_workers} loader workers, "
+        f"memory_cache={loader.get('memory_cache', False)}; "
+        f"{args.warmup} warm-up + {args.steps} measured batches)\n\n"
+        "| measure | images/s |\n|---|---:|\n"
+        f"| end-to-end training (loader + augmentation + Lightning + step) | {end_to_end:.1f} |\n"
+        f"| model-only step on the same batches (forward + backward + AdamW) | {model:.1f} |\n"
+        f"| **ratio end-to-end / model-only** (target >= 0.9) | **{ratio:.2f}** |\n\n"
+        "Both numbers come from this one run. The machine is shared (other jobs compete for the 2 cores), "
+        "so absolute "
+        "values move a lot between runs; the ratio is what this benchmark checks."
+    )
+    print(body)
+    write_section(args.report, body)
+    print(f"wrote {args.report}")
+
+
+if __name__ == "__main__":
+    main()

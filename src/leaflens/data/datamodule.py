@@ -1,0 +1,162 @@
+"""Lightning ``DataModule`` over a prepared dataset (``manifest.csv`` + ``classes.json``).
+
+Train uses the augmenting transform (optionally a class-balanced sampler); val and test always use the eval
+transform, the same preprocessing the exported model ships with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from leaflens.data.dataset import ManifestDataset, preload_images, seed_worker_transform
+from leaflens.data.prepare import load_manifest
+from leaflens.data.taxonomy import load_classes
+from leaflens.data.transforms import eval_transform, train_transform
+from leaflens.logs import logger
+from leaflens.preprocessing import spec_from_data_config
+
+
+class PlantVillageDataModule(L.LightningDataModule):
+    """Train/val/test loaders over ``processed_dir``.
+
+    Args:
+        processed_dir: Output of ``leaflens data prepare``.
+        data_config: timm's resolved data config of the model (input size, interpolation, mean, std, crop).
+        batch_size: Images per batch.
+        num_workers: Loader worker processes (0 loads in the main process).
+        pin_memory: Pin batches in page-locked memory (useful with a GPU only).
+        persistent_workers: Keep workers alive between epochs (ignored with 0 workers).
+        balanced_sampling: Draw training images with probability inversely proportional to their class count.
+        augment: ``data.augment`` settings; ``None`` disables augmentation.
+        cache_dir: The resized ``.npy`` cache written by ``data prepare`` (``data.cache``), if any.
+        memory_cache: Decode every image of the used splits once into RAM (uint8, shorter side shrunk to the
+            eval resize), so epochs skip JPEG decoding. ~200 KB per 256-px image.
+    """
+
+    def __init__(
+        self,
+        processed_dir: str | Path,
+        data_config: Mapping[str, Any],
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        balanced_sampling: bool = False,
+        augment: Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        memory_cache: bool = False,
+    ) -> None:
+        super().__init__()
+        self.processed_dir = Path(processed_dir)
+        self.data_config = dict(data_config)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.balanced_sampling = bool(balanced_sampling)
+        self.augment = dict(augment) if augment is not None else None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.memory_cache = bool(memory_cache)
+        # Read now, not in setup(): the model needs the class count before the trainer starts.
+        self.classes: list[dict[str, Any]] = load_classes(self.processed_dir)
+        self.manifest: pd.DataFrame | None = None
+        self.datasets: dict[str, ManifestDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs (fit: train + val; validate: val; test/predict: test)."""
+        if self.manifest is None:
+            self.manifest = load_manifest(self.processed_dir)
+            if self.manifest["label_id"].max() >= self.num_classes:
+                raise ValueError(f"{self.processed_dir}: manifest label ids exceed classes.json")
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+            None: ("train", "val", "test"),
+        }[stage]
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split)
+
+    def split_frame(self, split: str) -> pd.DataFrame:
+        """The manifest rows of one split (after ``setup``)."""
+        if self.manifest is None:
+            self.manifest = load_manifest(self.processed_dir)
+        return self.manifest[self.manifest["split"] == split].reset_index(drop=True)
+
+    def _dataset(self, split: str) -> ManifestDataset:
+        rows = self.split_frame(split)
+        if rows.empty:
+            logger.warning("The {} split of {} is empty", split, self.processed_dir)
+        transform = (
+            train_transform(self.data_config, self.augment)
+            if split == "train"
+            else eval_transform(self.data_config)
+        )
+        # Repeatable under seed_everything in the main process; workers reseed in seed_worker_transform.
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+        images = None
+        if self.memory_cache and not rows.empty:
+            spec = spec_from_data_config(self.data_config)
+            images = preload_images(
+                rows["path"].tolist(),
+                max(int(spec["resize_to"]), *spec["input_size"][1:]),
+                spec["interpolation"],
+                rows["sha256"].tolist(),
+                self.cache_dir,
+            )
+        return ManifestDataset(
+            rows["path"].tolist(),
+            rows["label_id"].tolist(),
+            transform,
+            sha256s=rows["sha256"].tolist(),
+            cache_dir=self.cache_dir,
+            images=images,
+        )
+
+    def _loader(self, split: str, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"call setup() before asking for the {split} loader")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=seed_worker_transform,
+        )
+
+    def class_sampler(self) -> WeightedRandomSampler:
+        """Samples training images so that every present class is drawn equally often."""
+        labels = torch.as_tensor(self.datasets["train"].labels)
+        counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1)
+        weights = (1.0 / counts.double())[labels]
+        return WeightedRandomSampler(weights.tolist(), num_samples=len(labels), replacement=True)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(
+            "train", shuffle=True, sampler=self.class_sampler() if self.balanced_sampling else None
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

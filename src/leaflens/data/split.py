@@ -1,0 +1,87 @@
+"""Seeded, stratified, group-aware train/val/test split.
+
+Every leaf group goes to exactly one split, so no copy or re-shoot of a leaf is seen in two splits. Within
+each class, groups are shuffled with the seed and handed out largest first to the split furthest below its
+target count (the class's image count times the split fractions), so every class keeps its share as closely
+as whole groups allow. A class with at least three groups always gets at least one group in each split.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+
+SPLITS = ("train", "val", "test")
+
+
+def _targets(total: int, val: float, test: float) -> dict[str, int]:
+    """Integer image targets per split (largest remainder, so they add up to ``total``)."""
+    exact = {"train": total * (1.0 - val - test), "val": total * val, "test": total * test}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    for key in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[
+        : total - sum(counts.values())
+    ]:
+        counts[key] += 1
+    return counts
+
+
+def split_groups(
+    labels: Sequence[str], groups: Sequence[str], val: float, test: float, seed: int
+) -> list[str]:
+    """The split (``train``/``val``/``test``) of each item.
+
+    Args:
+        labels: Class of each item.
+        groups: Leaf group of each item; a group must not span classes.
+        val: Fraction of each class for validation.
+        test: Fraction of each class for test.
+        seed: Same seed, same split.
+    """
+    if len(labels) != len(groups):
+        raise ValueError("labels and groups must have the same length")
+    if not (0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0):
+        raise ValueError(
+            f"split fractions must be in [0, 1) and leave room for train (val={val}, test={test})"
+        )
+    sizes: dict[str, int] = defaultdict(int)
+    group_label: dict[str, str] = {}
+    for label, group in zip(labels, groups, strict=True):
+        if group_label.setdefault(group, label) != label:
+            raise ValueError(f"group {group} spans classes {group_label[group]!r} and {label!r}")
+        sizes[group] += 1
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for group, label in group_label.items():
+        by_class[label].append(group)
+
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    wanted = [s for s, f in (("train", 1.0), ("val", val), ("test", test)) if f > 0]
+    for label in sorted(by_class):
+        class_groups = sorted(by_class[label])
+        rng.shuffle(class_groups)
+        class_groups.sort(key=lambda g: sizes[g], reverse=True)  # stable: random order among equal sizes
+        target = _targets(sum(sizes[g] for g in class_groups), val, test)
+        filled = dict.fromkeys(SPLITS, 0)
+        # Small splits first on ties, so a class of a few groups still reaches val and test.
+        order = {"test": 0, "val": 1, "train": 2}
+        for group in class_groups:
+            split = max(wanted, key=lambda s: (target[s] - filled[s], -order[s]))
+            assignment[group] = split
+            filled[split] += sizes[group]
+        if len(class_groups) >= len(wanted):
+            _ensure_every_split(class_groups, assignment, sizes, wanted)
+    return [assignment[g] for g in groups]
+
+
+def _ensure_every_split(
+    class_groups: list[str], assignment: dict[str, str], sizes: dict[str, int], wanted: list[str]
+) -> None:
+    """Move the smallest group of the fullest split into any split left empty."""
+    for split in wanted:
+        members = {s: [g for g in class_groups if assignment[g] == s] for s in wanted}
+        if members[split]:
+            continue
+        donor = max(wanted, key=lambda s: len(members[s]))
+        assignment[min(members[donor], key=lambda g: (sizes[g], g))] = split

@@ -1,0 +1,1 @@
+"""Export a training run as a self-contained, checksummed model package (``export(cfg)`` in ``run``)."""

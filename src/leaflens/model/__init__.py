@@ -1,0 +1,8 @@
+"""The classifier: any timm model by name with pretrained weights (``factory``) and how much of it trains
+(``peft``).
+"""
+
+from leaflens.model.factory import create_model
+from leaflens.model.peft import STRATEGIES, apply_peft, merge_adapters, set_train_mode, trainable_table
+
+__all__ = ["STRATEGIES", "apply_peft", "create_model", "merge_adapters", "set_train_mode", "trainable_table"]

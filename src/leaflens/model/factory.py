@@ -1,0 +1,129 @@
+"""Build a timm classifier by name, with ImageNet weights from the Hugging Face hub or from a local file.
+
+Never falls back silently to random weights: random init only with ``pretrained=False``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from leaflens.logs import logger
+
+# Raised by huggingface_hub / requests / urllib when the hub cannot be reached (all subclass OSError except
+# the
+# hub's own offline error, which we import lazily because huggingface_hub is optional for timm).
+_HUB_FIX = (
+    "Could not download ImageNet weights for {name!r} from the Hugging Face hub ({error}). "
+    "Fix it with one of: "
+    "use the bundled offline backbone (`model=mobilenetv3_small_offline`); pass a local weights file "
+    "(`model.pretrained_file=/path/to/weights.safetensors`, "
+    "a safetensors file or torch state dict for {name!r}); "
+    "set HF_ENDPOINT / HF_HUB_OFFLINE with a populated cache; or train from scratch on purpose with "
+    "`model.pretrained=false`."
+)
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        errors += [HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled]
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm's normal install
+        pass
+    try:
+        import requests
+
+        errors.append(requests.RequestException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _hub_weights_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(
+        isinstance(try_to_load_from_cache(repo_id, filename), str)
+        for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    )
+
+
+def check_hub_reachable(name: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, with the fix, when ``name``'s weights must come from an unreachable hub.
+
+    huggingface_hub retries a refused connection with back-off for about a minute; a single quick request
+    first
+    turns that minute into an immediate, actionable error. Cached weights and offline mode need no network.
+    """
+    import requests
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    repo_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo_id or constants.HF_HUB_OFFLINE or _hub_weights_cached(repo_id):
+        return
+    url = f"{constants.ENDPOINT}/api/models/{repo_id}"
+    try:
+        requests.head(url, timeout=timeout_s, allow_redirects=False)
+    except requests.RequestException as error:
+        raise RuntimeError(_HUB_FIX.format(name=name, error=f"{type(error).__name__} for {url}")) from error
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    pretrained_file: str | Path | None = None,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """Create the timm model ``name`` with a fresh ``num_classes``-way classifier.
+
+    Args:
+        name: Any timm architecture name, e.g. ``mobilenetv3_large_100``.
+        num_classes: Number of output classes (from the data's ``classes.json``).
+        pretrained: Load ImageNet weights. ``False`` means random init (explicitly asked for).
+        pretrained_file: A local safetensors file or torch state dict for ``name``. Loaded through timm, so a
+            classifier of another size is dropped and every other key must match. Implies ``pretrained``.
+        **timm_kwargs: Passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ``exportable``...).
+
+    Returns:
+        The model in train mode; ``model.pretrained_cfg`` holds its preprocessing.
+
+    Raises:
+        FileNotFoundError: ``pretrained_file`` does not exist.
+        RuntimeError: Weights had to come from the hub and the hub could not be reached (message says
+        how to fix).
+    """
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.pretrained_file={path} does not exist. "
+                f"Point it at a safetensors/torch weights file for "
+                f"{name!r}, or set model.pretrained_file=null to download weights from the Hugging Face hub."
+            )
+        logger.info("Model {}: {} classes, weights from {}", name, num_classes, path)
+        return timm.create_model(
+            name,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay={"file": str(path)},
+            **timm_kwargs,
+        )
+    if not pretrained:
+        logger.warning(
+            "Model {}: {} classes, RANDOM initialisation (model.pretrained=false)", name, num_classes
+        )
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    logger.info("Model {}: {} classes, ImageNet weights from the Hugging Face hub", name, num_classes)
+    check_hub_reachable(name)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
+    except _hub_errors() as error:
+        raise RuntimeError(_HUB_FIX.format(name=name, error=f"{type(error).__name__}: {error}")) from error

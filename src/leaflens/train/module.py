@@ -1,0 +1,162 @@
+"""The LightningModule that fine-tunes a classifier: loss, optimiser/schedule, metrics, BN handling.
+
+The network itself stays a plain ``nn.Module`` (``self.net``) built elsewhere (``leaflens.model``); this class
+only
+adds the training loop around it, so evaluation and export use the network without Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from leaflens.model.peft import set_train_mode
+
+OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+
+
+def _warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(
+    optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05, min_lr_ratio: float = 0.01
+) -> LambdaLR:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to ``min_lr_ratio`` x the peak
+    LR.
+    """
+    warmup_steps = max(1, round(warmup_fraction * total_steps))
+    factor = partial(
+        _warmup_cosine_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+    )
+    return LambdaLR(optimizer, factor)
+
+
+def parameter_groups(net: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split so that biases and norm weights (1-D tensors) get no weight decay."""
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy fine-tuning of ``net`` with accuracy and macro-F1 on validation.
+
+    Args:
+        net: The classifier (a timm model, possibly wrapped by peft), already frozen as the strategy wants.
+        num_classes: Number of classes (the size of ``net``'s output).
+        optimizer: ``torch.optim`` factory taking parameter groups (a Hydra ``_partial_``).
+        scheduler: LR scheduler factory taking ``(optimizer, total_steps=...)``, stepped every optimizer step.
+        weight_decay: Weight decay for weight matrices (biases and norms get none).
+        label_smoothing: Cross-entropy label smoothing.
+        class_weights: Optional per-class loss weights (length ``num_classes``).
+        freeze_bn_stats: Keep every BatchNorm in eval mode (folded-BN backbones); frozen BNs always are.
+        channels_last: Train in channels-last memory format (faster convolutions on CPU and GPU).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.1,
+        class_weights: Sequence[float] | None = None,
+        freeze_bn_stats: bool = False,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.freeze_bn_stats = freeze_bn_stats
+        self.weight_decay = weight_decay
+        self.channels_last = channels_last
+        weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        if weights is not None and weights.numel() != num_classes:
+            raise ValueError(f"class_weights has {weights.numel()} entries, expected {num_classes}")
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.label_smoothing = label_smoothing
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> ClassifierModule:
+        # Lightning calls train() at every epoch start: frozen (or folded) BatchNorms must go back
+        # to eval mode.
+        super().train(mode)
+        set_train_mode(self.net, mode, self.freeze_bn_stats)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.float(),
+            labels,
+            weight=self.class_weights,  # type: ignore[arg-type]
+            label_smoothing=self.label_smoothing,
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = self._loss(self(images), labels)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.numel())
+        return loss
+
+    def _eval_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str
+    ) -> None:
+        images, labels = batch
+        logits = self(images)
+        metrics.update(logits, labels)
+        self.log(
+            f"{prefix}_loss",
+            self._loss(logits, labels),
+            prog_bar=True,
+            batch_size=labels.numel(),
+            sync_dist=True,
+        )
+        self.log_dict(metrics, prog_bar=True, batch_size=labels.numel())
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(parameter_groups(self.net, self.weight_decay))
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

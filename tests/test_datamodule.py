@@ -1,0 +1,124 @@
+"""The Lightning DataModule over the prepared bundled sample."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from conftest import compose
+from leaflens.data.datamodule import PlantVillageDataModule
+from leaflens.data.prepare import load_manifest
+from leaflens.images import decode_image
+from leaflens.preprocessing import preprocess, spec_from_data_config
+
+
+@pytest.fixture(scope="module")
+def data_config() -> dict:
+    cfg = compose(task_name="data")
+    return resolve_data_config({}, model=timm.create_model(cfg.model.name, pretrained=False))
+
+
+@pytest.fixture(scope="module")
+def augment() -> dict:
+    return dict(compose(task_name="data").data.augment)
+
+
+def _dm(processed: Path, data_config: dict, **kwargs: object) -> PlantVillageDataModule:
+    options = {"batch_size": 16, "num_workers": 0, "persistent_workers": False} | kwargs
+    return PlantVillageDataModule(processed, data_config, **options)
+
+
+def test_batches_have_the_model_input(prepared_root: Path, data_config: dict, augment: dict) -> None:
+    processed = prepared_root / "processed"
+    dm = _dm(processed, data_config, augment=augment)
+    assert dm.num_classes == len(json.loads((processed / "classes.json").read_text())) == 38
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.float32 and tuple(images.shape) == (16, *data_config["input_size"])
+    assert labels.dtype == torch.int64 and labels.shape == (16,)
+    assert torch.isfinite(images).all()
+    assert labels.min() >= 0 and labels.max() < dm.num_classes
+    # Label ids index classes.json and agree with the manifest's class names.
+    manifest = load_manifest(processed)
+    names = {c["id"]: c["name"] for c in dm.classes}
+    assert (manifest["label"] == manifest["label_id"].map(names)).all()
+    assert len(dm.datasets["train"]) == int((manifest["split"] == "train").sum())
+
+
+def test_val_and_test_are_never_augmented(prepared_root: Path, data_config: dict, augment: dict) -> None:
+    processed = prepared_root / "processed"
+    dm = _dm(processed, data_config, augment=augment)
+    dm.setup("fit")
+    dm.setup("test")
+    spec = spec_from_data_config(data_config)
+    for split, loader in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
+        first, second = next(iter(loader())), next(iter(loader()))
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+        rows = dm.split_frame(split).head(len(first[0]))
+        expected = np.stack([preprocess(decode_image(p), spec) for p in rows["path"]])
+        np.testing.assert_allclose(first[0].numpy(), expected, atol=1e-5)
+        assert first[1].tolist() == rows["label_id"].tolist()
+    # ...whereas two passes over the same training image differ.
+    train = dm.datasets["train"]
+    assert not torch.equal(train[0][0], train[0][0])
+
+
+def test_memory_cache_gives_the_same_eval_pixels(prepared_root: Path, data_config: dict) -> None:
+    processed = prepared_root / "processed"
+    plain, cached = _dm(processed, data_config), _dm(processed, data_config, memory_cache=True)
+    plain.setup("validate")
+    cached.setup("validate")
+    assert cached.datasets["val"].images is not None
+    a, b = next(iter(plain.val_dataloader())), next(iter(cached.val_dataloader()))
+    np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), atol=1e-5)
+    assert torch.equal(a[1], b[1])
+
+
+def test_worker_processes_load_batches(prepared_root: Path, data_config: dict, augment: dict) -> None:
+    dm = _dm(
+        prepared_root / "processed", data_config, augment=augment, num_workers=2, persistent_workers=True
+    )
+    dm.setup("fit")
+    seen = sum(len(labels) for _, labels in dm.train_dataloader())
+    assert seen == len(dm.datasets["train"])
+
+
+def test_balanced_sampler_evens_out_classes(prepared_root: Path, data_config: dict, tmp_path: Path) -> None:
+    # An imbalanced copy: class 0 keeps every training image, the others keep one each.
+    source = prepared_root / "processed"
+    processed = tmp_path / "processed"
+    shutil.copytree(source, processed)
+    stats = json.loads((processed / "stats.json").read_text())
+    stats["raw_dir"] = str((source / stats["raw_dir"]).resolve())
+    (processed / "stats.json").write_text(json.dumps(stats))
+    manifest = pd.read_csv(processed / "manifest.csv")
+    train = manifest[manifest["split"] == "train"]
+    keep = train[train["label_id"] == 0].index.tolist() + train.groupby("label_id").head(1).index.tolist()
+    manifest = pd.concat([manifest[manifest["split"] != "train"], manifest.loc[sorted(set(keep))]])
+    manifest.to_csv(processed / "manifest.csv", index=False)
+
+    dm = _dm(processed, data_config, balanced_sampling=True)
+    dm.setup("fit")
+    labels = dm.datasets["train"].labels
+    counts = Counter(labels)
+    assert counts[0] >= 5 * min(counts.values())
+    torch.manual_seed(0)
+    drawn = Counter(labels[i] for _ in range(300) for i in dm.class_sampler())
+    shares = np.array([drawn[c] for c in counts]) / sum(drawn.values())
+    np.testing.assert_allclose(shares, 1 / len(counts), atol=0.25 / len(counts))
+    plain = Counter(labels[i] for i in torch.randperm(len(labels)).tolist())
+    assert plain[0] / len(labels) > 3 / len(counts)  # without the sampler class 0 dominates
+
+
+def test_missing_processed_dir_is_a_clear_error(tmp_path: Path, data_config: dict) -> None:
+    with pytest.raises(FileNotFoundError, match="leaflens data prepare"):
+        PlantVillageDataModule(tmp_path, data_config)

@@ -1,0 +1,144 @@
+"""The exported package: ONNX parity with PyTorch, contents per docs/design.md, refusal when tampered or
+incomplete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import SAMPLE_DIR
+from leaflens.images import decode_image
+from leaflens.preprocessing import preprocess_batch
+from leaflens.serving.engine import InferenceEngine
+from leaflens.serving.package import PackageError, load_package
+
+PACKAGE_FILES = {
+    "model.onnx", "labels.json", "preprocess.json", "calibration.json", "model.json", "weights.safetensors",
+    "metrics.json", "parity.json", "MODEL_CARD.md", "manifest.json",
+}  # fmt: skip
+
+
+def _sample_images(n: int = 12) -> list[np.ndarray]:
+    paths = sorted(p for p in SAMPLE_DIR.rglob("*.*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return [decode_image(p) for p in paths[:: max(1, len(paths) // n)][:n]]
+
+
+def test_package_has_every_file_and_a_passing_parity_report(model_package: Path) -> None:
+    names = {p.name for p in model_package.iterdir()}
+    assert names >= PACKAGE_FILES
+    assert "model.onnx.data" not in names  # weights folded into one file
+    manifest = json.loads((model_package / "manifest.json").read_text())["files"]
+    assert set(manifest) == names - {"manifest.json"}
+    parity = json.loads((model_package / "parity.json").read_text())
+    assert parity["passed"] and parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-4
+    model = onnx.load(str(model_package / "model.onnx"))
+    assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
+    card = (model_package / "MODEL_CARD.md").read_text()
+    for heading in ("## Data and split", "## Metrics", "## Intended use", "## Limits", "Missing classes"):
+        assert heading in card
+
+
+@pytest.mark.slow
+def test_onnx_matches_pytorch_on_the_bundled_sample(model_package: Path, trained_run: Path) -> None:
+    import torch
+
+    from leaflens.explain import load_package_model
+    from leaflens.export.onnx import LogitsAndEmbedding
+    from leaflens.train.checkpoint import load_run
+
+    engine = InferenceEngine.from_package(model_package)
+    images = _sample_images()
+    batch = preprocess_batch(images, engine.spec)
+    ort_logits, ort_emb = engine.infer(batch)
+    assert ort_logits.shape == (len(images), len(engine.labels)) and np.isfinite(ort_logits).all()
+    with torch.no_grad():
+        for model in (load_run(trained_run).model, load_package_model(model_package)):
+            logits, emb = LogitsAndEmbedding(model.eval())(torch.from_numpy(batch))
+            assert np.abs(logits.numpy() - ort_logits).max() <= 1e-4
+            assert np.abs(emb.numpy() - ort_emb).max() <= 1e-4
+            assert (logits.numpy().argmax(1) == ort_logits.argmax(1)).all()
+    # Dynamic batch: one image at a time gives the same numbers as the batch.
+    single = np.concatenate([engine.infer(batch[i : i + 1])[0] for i in range(3)])
+    np.testing.assert_allclose(single, ort_logits[:3], atol=1e-5)
+
+
+def test_gradcam_overlay_from_the_package(model_package: Path) -> None:
+    from leaflens.explain import explain_package_image
+
+    image = _sample_images(1)[0]
+    overlay = explain_package_image(model_package, image, class_id=0)
+    _, h, w = json.loads((model_package / "preprocess.json").read_text())["input_size"]
+    assert overlay.shape == (h, w, 3) and overlay.dtype == np.uint8 and overlay.std() > 0
+
+
+def test_target_layer_comes_from_the_model_not_a_name() -> None:
+    import timm
+
+    from leaflens.explain import find_target_layer
+
+    for arch, expected in (("resnet18", "layer4"), ("tf_mobilenetv3_small_100", "blocks.5")):
+        name, _ = find_target_layer(
+            timm.create_model(arch, pretrained=False, num_classes=5).eval(), (3, 64, 64)
+        )
+        assert name == expected
+
+
+@pytest.fixture
+def package_copy(model_package: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "package"
+    shutil.copytree(model_package, copy)
+    return copy
+
+
+def test_tampered_file_is_refused_by_name(package_copy: Path) -> None:
+    labels = json.loads((package_copy / "labels.json").read_text())
+    labels[0]["display_name"] = "Something else"
+    (package_copy / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(PackageError, match=r"checksum mismatch for labels\.json"):
+        InferenceEngine.from_package(package_copy)
+
+
+def test_truncated_model_is_refused(package_copy: Path) -> None:
+    onnx_path = package_copy / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:1000])
+    with pytest.raises(PackageError, match=r"model\.onnx"):
+        load_package(package_copy)
+
+
+@pytest.mark.parametrize("missing", ["calibration.json", "preprocess.json", "manifest.json"])
+def test_incomplete_package_is_refused(package_copy: Path, missing: str) -> None:
+    (package_copy / missing).unlink()
+    with pytest.raises(PackageError, match=missing.replace(".", r"\.")):
+        load_package(package_copy)
+
+
+def test_required_file_left_out_of_the_manifest_is_refused(package_copy: Path) -> None:
+    manifest = json.loads((package_copy / "manifest.json").read_text())
+    del manifest["files"]["model.json"]
+    (package_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=r"model\.json"):
+        load_package(package_copy)
+
+
+def test_int8_quantization_report_and_gate(model_package: Path, tmp_path: Path) -> None:
+    from leaflens.export.quantize import Int8RefusedError, compare_int8, gate_int8, quantize_int8
+
+    spec = json.loads((model_package / "preprocess.json").read_text())
+    batch = preprocess_batch(_sample_images(16), spec)
+    int8_path = quantize_int8(model_package / "model.onnx", tmp_path / "model.int8.onnx", batch[:8])
+    assert int8_path.stat().st_size < (model_package / "model.onnx").stat().st_size / 2
+    labels = InferenceEngine.from_package(model_package).infer(batch)[0].argmax(1)
+    report = compare_int8(model_package / "model.onnx", int8_path, batch, labels)
+    assert report["accuracy_fp32"] == 1.0  # labels are the fp32 model's own answers
+    assert report["accuracy_drop_points"] == pytest.approx(100 * (1.0 - report["accuracy_int8"]))
+    assert report["top1_agreement"] == pytest.approx(report["accuracy_int8"])
+    assert report["speedup"] > 0
+    assert gate_int8({**report, "accuracy_drop_points": 0.2}, 0.5)["accepted"]
+    with pytest.raises(Int8RefusedError, match="exceeds"):
+        gate_int8({**report, "accuracy_drop_points": 0.8}, 0.5)

@@ -1,0 +1,114 @@
+"""The model factory: real weights files (bundled fp16, torch state dict), classifier swap, hub errors."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from leaflens.model.factory import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "models" / "pretrained" / "tf_mobilenetv3_small_100.fp16.safetensors"
+SHARED = REPO.parent / "shared" / "weights" / "tf_mobilenetv3_small_100.safetensors"
+ARCH = "tf_mobilenetv3_small_100"
+
+
+@pytest.fixture(scope="module")
+def bundled_state() -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(BUNDLED)
+
+
+def test_bundled_weights_file_into_38_classes(bundled_state: dict[str, torch.Tensor]) -> None:
+    assert bundled_state["classifier.weight"].shape == (1000, 1024)  # the file carries the ImageNet head
+    model = create_model(ARCH, num_classes=38, pretrained_file=BUNDLED).eval()
+    state = model.state_dict()
+    assert state["classifier.weight"].shape == (38, 1024)
+    # Every backbone tensor comes from the file (fp16 -> fp32 exactly); only the classifier is new.
+    for key, value in bundled_state.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(state[key], value.to(state[key].dtype)), key
+    logits = model(torch.rand(2, 3, 224, 224) * 2 - 1)
+    assert logits.shape == (2, 38) and torch.isfinite(logits).all()
+    # BatchNorm is folded in this backbone: identity statistics, which is why freeze_bn_stats exists.
+    assert torch.count_nonzero(state["blocks.4.0.bn1.running_mean"]) == 0
+
+
+@pytest.mark.skipif(not SHARED.is_file(), reason="shared fp32 weights not available")
+def test_bundled_fp16_copy_matches_the_fp32_original(bundled_state: dict[str, torch.Tensor]) -> None:
+    original = safetensors.torch.load_file(SHARED)
+    assert original.keys() == bundled_state.keys()
+    for key, value in original.items():
+        if value.is_floating_point():
+            assert bundled_state[key].dtype == torch.float16
+            torch.testing.assert_close(bundled_state[key].float(), value, rtol=1e-3, atol=1e-4)
+
+
+def test_torch_state_dict_file_loads_like_safetensors(
+    tmp_path: Path, bundled_state: dict[str, torch.Tensor]
+) -> None:
+    pth = tmp_path / "weights.pth"
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in bundled_state.items()}, pth)
+    from_pth = create_model(ARCH, num_classes=5, pretrained_file=pth).state_dict()
+    from_st = create_model(ARCH, num_classes=5, pretrained_file=BUNDLED).state_dict()
+    for key in from_st:
+        if not key.startswith("classifier."):
+            assert torch.equal(from_pth[key], from_st[key]), key
+
+
+def test_wrong_architecture_file_is_refused(tmp_path: Path, bundled_state: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(RuntimeError, match=r"size mismatch|Missing key|Unexpected key"):
+        create_model("mobilenetv3_large_100", num_classes=38, pretrained_file=BUNDLED)
+
+
+def test_missing_weights_file_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="pretrained_file"):
+        create_model(ARCH, num_classes=38, pretrained_file=tmp_path / "nope.safetensors")
+
+
+def test_random_init_only_when_asked(bundled_state: dict[str, torch.Tensor]) -> None:
+    model = create_model(ARCH, num_classes=38, pretrained=False)
+    assert not torch.equal(model.state_dict()["conv_stem.weight"], bundled_state["conv_stem.weight"].float())
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_hub_fails_at_once_with_the_fix(tmp_path: Path) -> None:
+    """A real refused connection (nothing listens on the port), not a mock: the error must come fast and say
+    how.
+    """
+    code = (
+        "from leaflens.model.factory import create_model\n"
+        "try:\n"
+        "    create_model('mobilenetv3_large_100', num_classes=38)\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR:', e)\n"
+    )
+    env = {
+        "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+        "HF_HOME": str(tmp_path / "hf"),  # empty cache: the weights really have to be downloaded
+        "PATH": "/usr/bin:/bin",
+        "NO_PROXY": "*",
+    }
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ERROR:" in result.stdout, result.stdout + result.stderr
+    message = result.stdout
+    assert "model=mobilenetv3_small_offline" in message and "model.pretrained_file=" in message
+    # huggingface_hub alone would retry with back-off for about a minute; the pre-flight check fails in
+    # seconds.
+    assert "Retry" not in result.stderr
+    assert time.perf_counter() - start < 60

@@ -1,0 +1,106 @@
+"""A real (shrunk) training run: run-directory contract, exact reload, evaluation parity and resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import FAST_TRAIN, compose, data_overrides
+from leaflens.train.checkpoint import build_network, load_run, network_state
+
+
+def test_run_directory_contents(trained_run: Path, prepared_root: Path) -> None:
+    for name in ("config.yaml", "classes.json", "data.json", "metrics.json", "trainable.json", "run.log"):
+        assert (trained_run / name).is_file(), name
+    assert (trained_run / "checkpoints" / "best.ckpt").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert (
+        (trained_run / "logs" / "metrics.csv").read_text().startswith(("epoch", "lr", "step", "train", "val"))
+    )
+
+    processed = prepared_root / "processed"
+    assert json.loads((trained_run / "classes.json").read_text()) == json.loads(
+        (processed / "classes.json").read_text()
+    )
+    data = json.loads((trained_run / "data.json").read_text())
+    assert data["manifest_sha256"] == hashlib.sha256((processed / "manifest.csv").read_bytes()).hexdigest()
+
+    cfg = OmegaConf.load(trained_run / "config.yaml")
+    assert cfg.trainer.max_epochs == 1 and cfg.paths.output_dir == str(trained_run)
+
+    trainable = json.loads((trained_run / "trainable.json").read_text())
+    assert trainable["strategy"] == cfg.peft.strategy
+    assert 0 < trainable["trainable"] < trainable["total"] and trainable["percent"] <= 5.0
+    assert sum(row["trainable"] for row in trainable["modules"]) == trainable["trainable"]
+
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val_acc"] <= 1.0 and 0.0 <= metrics["val_f1"] <= 1.0
+    assert metrics["global_step"] == 3 and metrics["epochs_trained"] == 1
+    assert metrics["train_images"] == 3 * 16 and metrics["train_img_per_s"] > 0
+
+
+def test_reload_gives_identical_logits(trained_run: Path) -> None:
+    first, second = load_run(trained_run), load_run(trained_run)
+    assert not first.model.training
+    names = [n for n, _ in first.model.named_modules()]
+    assert not any("lora" in n or "modules_to_save" in n for n in names)  # merged into a plain timm model
+    assert first.data_config["input_size"] == (3, 224, 224) and len(first.classes) == 38
+    images = torch.randn(3, *first.data_config["input_size"])
+    with torch.no_grad():
+        logits = first.model(images)
+        assert torch.equal(logits, second.model(images))
+        # The unmerged network with the checkpoint's weights (what training validated) agrees with the merge.
+        net = build_network(first.cfg, len(first.classes), pretrained=False, pretrained_file=None)
+        net.load_state_dict(network_state(first.checkpoint))
+        torch.testing.assert_close(logits, net.eval()(images), rtol=1e-4, atol=1e-4)
+    assert logits.shape == (3, 38) and torch.isfinite(logits).all()
+
+
+def test_reloaded_model_reproduces_validation_accuracy(trained_run: Path, prepared_root: Path) -> None:
+    """Accuracy of the reloaded model on the same validation batches equals what training logged."""
+    from leaflens.data.datamodule import PlantVillageDataModule
+
+    run = load_run(trained_run)
+    cfg = run.cfg
+    dm = PlantVillageDataModule(prepared_root / "processed", run.data_config, batch_size=16, num_workers=0)
+    dm.setup("validate")
+    correct = total = 0
+    with torch.no_grad():
+        for index, (images, labels) in enumerate(dm.val_dataloader()):
+            if index >= cfg.trainer.limit_val_batches:
+                break
+            correct += int((run.model(images).argmax(1) == labels).sum())
+            total += labels.numel()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert correct / total == pytest.approx(metrics["val_acc"], abs=1e-6)
+
+
+def test_resume_continues_from_the_saved_epoch(
+    trained_run: Path, prepared_root: Path, tmp_path: Path
+) -> None:
+    from leaflens.train.run import train
+
+    last = trained_run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 3
+    cfg = compose(
+        *data_overrides(prepared_root),
+        *FAST_TRAIN,
+        "trainer.max_epochs=2",
+        f"ckpt_path={last}",
+        f"paths.output_dir={tmp_path / 'resumed'}",
+        task_name="train",
+    )
+    run_dir = train(cfg)
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 6  # one more epoch of 3 steps, not two
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # The history of the first run travels in the checkpoint: both epochs are there, once each.
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1]
+    assert metrics["history"][0] == json.loads((trained_run / "metrics.json").read_text())["history"][0]
+    assert metrics["train_images"] == 6 * 16
