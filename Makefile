@@ -21,8 +21,9 @@ setup: $(BIN)/.installed  ## Create .venv with the pinned dependencies.
 pipeline: setup  ## The main job on the bundled sample: data -> train -> evaluate -> export.
 	$(BIN)/leaflens pipeline experiment=quickstart
 
+# One thread per xdist worker: two workers with two threads each on 2 cores spin-wait and run several times slower.
 test: setup  ## The test suite with coverage.
-	$(BIN)/pytest -n 2 --cov --cov-report=term --cov-report=xml
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n 2 --cov --cov-report=term --cov-report=xml
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

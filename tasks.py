@@ -135,7 +135,9 @@ def test(c: Context, slow: bool = True, cov: bool = True) -> None:
     """The test suite (2 xdist workers), with coverage."""
     marker = "" if slow else "-m 'not slow' "
     coverage = "--cov --cov-report=term --cov-report=xml " if cov else ""
-    _run(c, f"{BIN / 'pytest'} -n 2 {marker}{coverage}".strip())
+    # Two xdist workers on two cores: one torch thread each. With torch's default (one per core) the threads
+    # outnumber the cores and spin at OpenMP barriers: 3.8x slower training steps (reports/profiling.md).
+    _run(c, f"{BIN / 'pytest'} -n 2 {marker}{coverage}".strip(), env={"OMP_NUM_THREADS": "1"})
 
 
 @task

@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli_page() -> str:
-    import click
     import typer
     from typer.testing import CliRunner
 
@@ -34,13 +33,15 @@ def _cli_page() -> str:
         "",
     ]
 
-    def walk(command: click.Command, path: list[str]) -> None:
-        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "110", "NO_COLOR": "1", "TERM": "dumb"})
+    def walk(command: Any, path: list[str]) -> None:
+        result = runner.invoke(
+            app, [*path, "--help"], env={"COLUMNS": "110", "NO_COLOR": "1", "TERM": "dumb"}
+        )
         if result.exit_code != 0:
             raise RuntimeError(f"leaflens {' '.join(path)} --help failed: {result.output}")
         title = " ".join(["leaflens", *path])
         lines.extend([f"## `{title}`", "", "```text", result.output.rstrip(), "```", ""])
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):  # a group (typer may vendor its own click)
             for name, sub in command.commands.items():
                 walk(sub, [*path, name])
 
@@ -70,8 +71,8 @@ def _config_page() -> str:
     lines = [
         "# Configuration",
         "",
-        "One [Hydra](https://hydra.cc) tree in `configs/`, composed by `leaflens.config.load_config` for every "
-        "stage. Choose a group option with `group=option` (`peft=head`), set a value with `key=value` "
+        "One [Hydra](https://hydra.cc) tree in `configs/`, composed by `leaflens.config.load_config` for "
+        "every stage. Choose a group option with `group=option` (`peft=head`), set a value with `key=value` "
         "(`trainer.max_epochs=3`), on the command line, in `invoke --args` or in an experiment file.",
         "",
         "## Groups and options",
@@ -160,9 +161,7 @@ def _api_page(schema: dict[str, Any]) -> str:
             lines += ["| status | meaning | body |", "|---|---|---|"]
             for status, response in op.get("responses", {}).items():
                 content = response.get("content", {})
-                shape = ", ".join(
-                    f"{_schema_name(c.get('schema', {}))} (`{t}`)" for t, c in content.items()
-                )
+                shape = ", ".join(f"{_schema_name(c.get('schema', {}))} (`{t}`)" for t, c in content.items())
                 lines.append(f"| {status} | {response.get('description', '')} | {shape} |")
             lines.append("")
     lines += ["## Schemas", ""]
@@ -176,9 +175,8 @@ def _api_page(schema: dict[str, Any]) -> str:
             lines += ["| field | type | required | description |", "|---|---|---|---|"]
             for field, prop in props.items():
                 description = (prop.get("description") or prop.get("title") or "").replace("\n", " ")
-                lines.append(
-                    f"| `{field}` | {_schema_name(prop)} | {'yes' if field in required else 'no'} | {description} |"
-                )
+                needed = "yes" if field in required else "no"
+                lines.append(f"| `{field}` | {_schema_name(prop)} | {needed} | {description} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -187,7 +185,10 @@ def _model_card_page() -> str:
     card = ROOT / "models" / "package" / "MODEL_CARD.md"
     if card.is_file():
         text = card.read_text()
-        return "!!! note\n    The card of the package in `models/package/` (written by `leaflens export`).\n\n" + text
+        return (
+            "!!! note\n    The card of the package in `models/package/` (written by `leaflens export`).\n\n"
+            + text
+        )
     return "\n".join(
         [
             "# Model card",

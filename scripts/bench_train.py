@@ -125,6 +125,7 @@ def main() -> None:
         freeze_bn_stats=cfg.model.freeze_bn_stats,
         channels_last=cfg.optim.channels_last,
     )
+    load_before = os.getloadavg()[0]
     clock = BatchClock(args.warmup)
     batches = args.warmup + args.steps
     trainer = L.Trainer(
@@ -145,6 +146,7 @@ def main() -> None:
     end_to_end = clock.images / (clock.end - clock.start)
     model = model_only(module, clock.batches, args.warmup)
     ratio = end_to_end / model
+    load_after = os.getloadavg()[0]
 
     loader = cfg.data.loader
     body = (
@@ -155,7 +157,8 @@ def main() -> None:
         f"peft={cfg.peft.strategy}, model={cfg.model.name}, input {tuple(data_config['input_size'])}, "
         f"batch {loader.batch_size}, {loader.num_workers} loader workers, "
         f"memory_cache={loader.get('memory_cache', False)}; "
-        f"{args.warmup} warm-up + {args.steps} measured batches)\n\n"
+        f"{args.warmup} warm-up + {args.steps} measured batches; "
+        f"load average {load_before:.1f} before, {load_after:.1f} after)\n\n"
         "| measure | images/s |\n|---|---:|\n"
         f"| end-to-end training (loader + augmentation + Lightning + step) | {end_to_end:.1f} |\n"
         f"| model-only step on the same batches (forward + backward + AdamW) | {model:.1f} |\n"

@@ -115,6 +115,7 @@ def test_model_info_describes_the_package(client: TestClient, model_package: Pat
     assert body["preprocessing"] == json.loads((model_package / "preprocess.json").read_text())
     assert body["calibration"]["temperature"] > 0
     assert set(body["files"]) >= {"model.onnx", "labels.json"}
+    assert body["explain_available"] is True  # weights.safetensors exported, torch installed in the test env
 
 
 def test_health_readiness_page_and_openapi(client: TestClient):

@@ -112,3 +112,16 @@ def test_evaluate_writes_report_figures_and_calibration(
     assert calibration["validation"]["nll_after"] <= calibration["validation"]["nll_before"] + 1e-9
     assert calibration["validation"]["false_abstain_rate"] <= calibration["abstain"]["max_false_abstain_rate"]
     assert json.loads((run / "evaluation.json").read_text())["test"]["top1"] == pytest.approx(test["top1"])
+
+
+def test_scoring_skips_unreadable_files_on_record(model_package: Path, tmp_path: Path) -> None:
+    from leaflens.evaluate.scoring import score_paths
+    from leaflens.serving.engine import InferenceEngine
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not a jpeg")
+    good = sorted((SAMPLE_DIR / "Apple___healthy").iterdir())[:2]
+    scores = score_paths(InferenceEngine.from_package(model_package), [good[0], bad, good[1]], batch_size=2)
+    assert scores.index.tolist() == [0, 2]
+    assert scores.logits.shape[0] == scores.embedding.shape[0] == 2
+    assert [f["path"] for f in scores.failed] == [str(bad)] and scores.failed[0]["reason"] == "not_an_image"

@@ -149,8 +149,9 @@ def test_lora_merges_into_a_plain_timm_model(base: nn.Module) -> None:
     assert type(merged) is type(base)
     assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
     assert merged.state_dict().keys() == base.state_dict().keys()
-    # Merging changes the floating-point summation order only.
-    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=2e-3)
+    # Merging changes the floating-point summation order only: float32 rounding relative to the logits' scale.
+    error = (actual - expected).abs().max().item()
+    assert error <= 1e-3 * expected.abs().max().item() + 1e-4, error
 
 
 def test_recipe_stays_within_five_percent(base: nn.Module) -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import FAST_TRAIN, compose, data_overrides
 from leaflens.config import config_dir
-from leaflens.ops.sweep import apply_params, sample_params, sweep
+from leaflens.ops.sweep import apply_params, sample_params, sweep, trial_config
 
 # Small but real: strategy x learning rate x LoRA rank x augmentation strength, 1 epoch each (FAST_TRAIN).
 SEARCH = [
@@ -96,8 +96,8 @@ def test_sweep_resumes_prunes_and_its_best_config_trains(
 def test_search_space_sampling_and_conditions() -> None:
     cfg = compose(task_name="sweep")
     space = {
-        "strategy": {"key": "peft", "choices": ["lora", "head"]},
-        "lora_r": {"key": "peft.lora_r", "choices": [4], "when": {"strategy": "lora"}},
+        "strategy": {"key": "peft", "choices": ["lora", "head", "lora_bitfit"]},
+        "lora_r": {"key": "peft.lora_r", "choices": [4], "when": {"strategy": ["lora", "lora_bitfit"]}},
         "lr": {"key": "optim.optimizer.lr", "low": 1e-4, "high": 1e-2, "log": True},
         "epochs": {"key": "trainer.max_epochs", "low": 2, "high": 3},
         "aug": {"keys": ["data.augment.brightness", "data.augment.contrast"], "low": 0.0, "high": 0.5},
@@ -105,20 +105,28 @@ def test_search_space_sampling_and_conditions() -> None:
     }
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
-    for _ in range(12):
+    for _ in range(16):
         trial = study.ask()
         values = sample_params(trial, space)
         seen.add(values["strategy"])
-        assert ("lora_r" in values) == (values["strategy"] == "lora")
+        assert ("lora_r" in values) == (values["strategy"] != "head")
         assert isinstance(values["epochs"], int) and 1e-4 <= values["lr"] <= 1e-2
         trial_cfg = apply_params(cfg, space, values)
-        assert trial_cfg.peft.strategy == values["strategy"]
+        if values["strategy"] != "lora_bitfit":  # that option is the lora strategy with biases trained
+            assert trial_cfg.peft.strategy == values["strategy"]
         assert trial_cfg.data.augment.brightness == trial_cfg.data.augment.contrast == values["aug"]
         assert trial_cfg.trainer.max_epochs == values["epochs"]
         if values["strategy"] == "head":
             assert "lora_r" not in trial_cfg.peft  # the whole group was swapped, no stale LoRA keys
+        if values["strategy"] == "lora_bitfit":  # its defaults list (lora) is merged under it
+            assert (
+                trial_cfg.peft.lora_alpha == 8
+                and trial_cfg.peft.lora_r == 4
+                and "lora_targets" in trial_cfg.peft
+            )
+            assert trial_cfg.peft.lora_bias == "all" and "defaults" not in trial_cfg.peft
         study.tell(trial, 0.5)
-    assert seen == {"lora", "head"}
+    assert seen == {"lora", "head", "lora_bitfit"}
     assert cfg.peft.strategy == "lora" and cfg.trainer.max_epochs != 99  # the base config is untouched
 
 
@@ -134,3 +142,16 @@ def test_search_space_errors_name_the_problem() -> None:
     empty = compose("hparams_search.params=null", task_name="sweep")
     with pytest.raises(ValueError, match="hparams_search="):
         sweep(empty)
+
+
+def test_trial_config_reroots_paths_and_groups_wandb_runs(tmp_path: Path) -> None:
+    base = compose("logger=wandb", f"paths.output_dir={tmp_path / 'sweep-base'}", task_name="sweep")
+    space = {"strategy": {"key": "peft", "choices": ["head"]}}
+    run_dir = tmp_path / "trials" / "0007"
+    cfg = trial_config(base, space, {"strategy": "head"}, run_dir)
+    assert cfg.paths.output_dir == str(run_dir)
+    assert cfg.callbacks.checkpoint.dirpath == f"{run_dir}/checkpoints"  # resolved paths follow the trial
+    assert cfg.logger.csv.save_dir == str(run_dir)
+    assert cfg.callbacks.checkpoint.monitor == "val_f1" and cfg.callbacks.checkpoint.mode == "max"
+    assert cfg.logger.wandb.group == "leaflens-peft" and cfg.logger.wandb.name.endswith("0007")
+    assert base.paths.output_dir == str(tmp_path / "sweep-base")  # the base config is left alone

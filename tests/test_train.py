@@ -44,6 +44,21 @@ def test_run_directory_contents(trained_run: Path, prepared_root: Path) -> None:
     assert metrics["train_images"] == 3 * 16 and metrics["train_img_per_s"] > 0
 
 
+def test_folded_batchnorm_statistics_survive_training(trained_run: Path) -> None:
+    """The offline backbone's BN is folded: training must leave every running statistic as it was."""
+    import safetensors.torch
+
+    bundled = safetensors.torch.load_file(
+        Path(__file__).resolve().parents[1] / "models/pretrained/tf_mobilenetv3_small_100.fp16.safetensors"
+    )
+    state = load_run(trained_run).model.state_dict()
+    stats = [k for k in bundled if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 50
+    for key in stats:
+        # Exact up to the EMA's float rounding; batch statistics would move them by orders of magnitude more.
+        torch.testing.assert_close(state[key], bundled[key].float(), rtol=0, atol=1e-6, msg=key)
+
+
 def test_reload_gives_identical_logits(trained_run: Path) -> None:
     first, second = load_run(trained_run), load_run(trained_run)
     assert not first.model.training
@@ -104,3 +119,33 @@ def test_resume_continues_from_the_saved_epoch(
     assert [row["epoch"] for row in metrics["history"]] == [0, 1]
     assert metrics["history"][0] == json.loads((trained_run / "metrics.json").read_text())["history"][0]
     assert metrics["train_images"] == 6 * 16
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_and_logs_the_best_model(
+    prepared_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No account needed: without WANDB_API_KEY the W&B run is written offline, with the model artifact."""
+    from leaflens.train.run import train
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = train(
+        compose(
+            *data_overrides(prepared_root),
+            *FAST_TRAIN,
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "logger=wandb",
+            f"paths.output_dir={tmp_path / 'run'}",
+            task_name="train",
+        )
+    )
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((run_dir / "wandb").iterdir())
+    assert list(runs[0].glob("*.wandb")), "no offline run file"
+    assert (run_dir / "logs" / "metrics.csv").is_file()  # the CSV log is kept alongside
+    # The offline run records the "model-<run id>" artifact holding best.ckpt (uploaded by `wandb sync`).
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    run_id = runs[0].name.rsplit("-", 1)[-1]
+    assert f"model-{run_id}".encode() in record and b"best.ckpt" in record

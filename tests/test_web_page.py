@@ -70,6 +70,7 @@ def leaf_the_model_gets_right(package: Path) -> tuple[Path, str, str]:
     return path, path.parent.name, prediction.best.display_name
 
 
+@pytest.mark.slow  # ~30 s: the first Grad-CAM request imports torch and builds the model in the server
 def test_page_diagnoses_a_leaf(page, model_package: Path):
     path, _, expected = leaf_the_model_gets_right(model_package)
     assert page.title().startswith("leaflens")

@@ -31,6 +31,8 @@ def _open(source: bytes | str | Path) -> Image.Image:
         if len(source) == 0:
             raise ImageDecodeError("empty", "the file is empty (0 bytes)")
         return Image.open(io.BytesIO(source))
+    if Path(source).stat().st_size == 0:
+        raise ImageDecodeError("empty", f"{source} is empty (0 bytes)")
     return Image.open(source)
 
 

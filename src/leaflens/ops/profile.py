@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -128,7 +129,7 @@ def profile_training(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from leaflens.train.run import train
 
     warmup, active = int(cfg.profile.warmup_steps), int(cfg.profile.active_steps)
-    run_cfg = cfg.copy()
+    run_cfg = copy.deepcopy(cfg)
     with open_dict(run_cfg):
         run_cfg.paths.output_dir = str(out / "run")
         run_cfg.trainer.max_epochs = 1
@@ -136,8 +137,9 @@ def profile_training(cfg: DictConfig, out: Path) -> dict[str, Any]:
         run_cfg.trainer.limit_val_batches = 0
         run_cfg.trainer.enable_progress_bar = False
         run_cfg.logger = {}
-        # No validation runs, so nothing to checkpoint or stop on; other callbacks (EMA...) cost what they cost.
-        run_cfg.callbacks = {k: v for k, v in run_cfg.callbacks.items() if k not in ("checkpoint", "early_stopping")}
+        # No validation runs, so nothing to checkpoint or stop on; other callbacks (EMA...) are kept.
+        dropped = ("checkpoint", "early_stopping")
+        run_cfg.callbacks = {k: v for k, v in run_cfg.callbacks.items() if k not in dropped}
     timer = StepProfiler(warmup, active, out / "trace.json")
     train(run_cfg, callbacks=[timer])
     measured = slice(warmup, None)  # the first steps include lazy init and allocator warm-up

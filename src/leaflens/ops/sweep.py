@@ -33,13 +33,37 @@ def _is_group(key: str) -> bool:
     return "." not in key and (config_dir() / key).is_dir()
 
 
+def _matches(value: Any, condition: Any) -> bool:
+    """``when: {param: value}`` or ``when: {param: [value, ...]}``."""
+    return value in condition if isinstance(condition, list | tuple) else value == condition
+
+
+def load_option(group: str, option: str) -> DictConfig:
+    """``configs/<group>/<option>.yaml`` over its same-group ``defaults`` (``lora_bitfit`` on ``lora``)."""
+    node = OmegaConf.load(config_dir() / group / f"{option}.yaml")
+    assert isinstance(node, DictConfig)
+    defaults = node.pop("defaults", None)
+    if not defaults:
+        return node
+    merged: Any = OmegaConf.create()
+    for entry in [*defaults, *([] if "_self_" in defaults else ["_self_"])]:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, node)
+        elif isinstance(entry, str) and "/" not in entry:
+            merged = OmegaConf.merge(merged, load_option(group, entry))
+        else:
+            raise ValueError(f"{group}/{option}: only same-group defaults can be swept, got {entry!r}")
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
 def sample_params(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
     """Sample every parameter of ``space`` whose ``when`` condition holds (define-by-run, in order)."""
     values: dict[str, Any] = {}
     for name, spec in space.items():
         if spec is None:
             continue
-        if any(values.get(k) != v for k, v in (spec.get("when") or {}).items()):
+        if not all(_matches(values.get(k), v) for k, v in (spec.get("when") or {}).items()):
             continue
         if "choices" in spec:
             values[name] = trial.suggest_categorical(name, list(spec["choices"]))
@@ -50,9 +74,8 @@ def sample_params(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, An
                 name, spec["low"], spec["high"], step=spec.get("step") or 1, log=bool(spec.get("log"))
             )
         else:
-            values[name] = trial.suggest_float(
-                name, float(spec["low"]), float(spec["high"]), step=spec.get("step"), log=bool(spec.get("log"))
-            )
+            low, high, log = float(spec["low"]), float(spec["high"]), bool(spec.get("log"))
+            values[name] = trial.suggest_float(name, low, high, step=spec.get("step"), log=log)
     return values
 
 
@@ -70,12 +93,7 @@ def apply_params(base: DictConfig, space: Mapping[str, Any], values: Mapping[str
         for name, value in values.items():
             for key in _keys(name, space[name]):
                 if _is_group(key):
-                    option = OmegaConf.load(config_dir() / key / f"{value}.yaml")
-                    if "defaults" in option:
-                        raise ValueError(
-                            f"config group {key}/{value} has a defaults list; it cannot be swept"
-                        )
-                    cfg[key] = option
+                    cfg[key] = load_option(key, str(value))
                 elif OmegaConf.select(cfg, key, default=KeyError) is KeyError:
                     raise KeyError(f"hparams_search.params.{name}: config key {key!r} does not exist")
                 else:
@@ -158,7 +176,7 @@ def best_experiment(base: DictConfig, space: Mapping[str, Any], trial: optuna.tr
     for section in TRAINING_SECTIONS:
         if section in groups:  # the group file is chosen in `defaults`; keep only what differs from that file
             plain_default[section] = OmegaConf.to_container(
-                OmegaConf.load(config_dir() / section / f"{groups[section]}.yaml"), resolve=True
+                load_option(section, groups[section]), resolve=True
             )
         for key, value in _leaf_diff(
             plain_best.get(section), plain_default.get(section), f"{section}."
@@ -215,16 +233,17 @@ def sweep(cfg: DictConfig) -> Path:
         The sweep directory ``hparams_search.dir``: ``trials/<n>/`` run directories, ``trials.csv``,
         ``summary.md`` and ``best.yaml``.
     """
-    from hydra.utils import instantiate
-    from optuna_integration import PyTorchLightningPruningCallback
-
-    from leaflens.train.run import train
-
     search = cfg.get("hparams_search")
     if not search or not search.get("params"):
         raise ValueError(
             "no search space: choose one with hparams_search=<name> (see configs/hparams_search/)"
         )
+    # The training stack loads only once there is something to train.
+    from hydra.utils import instantiate
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from leaflens.train.run import train
+
     space: dict[str, Any] = OmegaConf.to_container(search.params, resolve=True)  # type: ignore[assignment]
     sweep_dir = Path(search.dir)
     (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
@@ -242,10 +261,9 @@ def sweep(cfg: DictConfig) -> Path:
         run_dir = sweep_dir / "trials" / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
         logger.info("Trial {} of {}: {}", trial.number, search.study_name, values)
-        run = train(
-            trial_config(cfg, space, values, run_dir),
-            callbacks=[PyTorchLightningPruningCallback(trial, monitor=str(search.monitor))],
-        )
+        pruning = PyTorchLightningPruningCallback(trial, monitor=str(search.monitor))
+        run = train(trial_config(cfg, space, values, run_dir), callbacks=[pruning])
+        pruning.check_pruned()  # raises TrialPruned when the pruner stopped a distributed run
         metrics = json.loads((run / "metrics.json").read_text())
         if search.metric not in metrics:
             raise KeyError(f"{run}/metrics.json has no {search.metric!r} (keys: {sorted(metrics)})")

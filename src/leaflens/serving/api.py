@@ -129,6 +129,7 @@ def _load(
         loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
+        explain_available=_explain_available(package.files),
     )
     return engine, info
 
@@ -167,6 +168,14 @@ def _record_summary(store: Any, rgb: np.ndarray, prediction: Any, version: str, 
             keep_image=keep_image,
         )
     )
+
+
+def _explain_available(files: dict[str, str]) -> bool:
+    """Grad-CAM needs the package's torch weights and the training stack (found without importing it)."""
+    from importlib.util import find_spec
+
+    modules = ("torch", "timm", "pytorch_grad_cam", "safetensors")
+    return "weights.safetensors" in files and all(find_spec(m) is not None for m in modules)
 
 
 def _explain(package_dir: Path, rgb: np.ndarray, class_id: int) -> str:

@@ -15,6 +15,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,6 +63,8 @@ class ServingMetrics:
         self.model_info = Gauge(
             "leaflens_model_info", "The loaded model package (value 1).", ["version", "sha256"], registry=r
         )
+        # process_cpu_seconds_total, process_resident_memory_bytes...: what one request costs the server.
+        ProcessCollector(registry=r)
 
     def observe_prediction(self, class_name: str, confidence: float, not_sure: bool) -> None:
         self.predicted_class.labels(class_name=class_name).inc()

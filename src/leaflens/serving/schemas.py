@@ -98,6 +98,10 @@ class ModelInfo(BaseModel):
     loaded_at: str = Field(description="UTC time the package was loaded, ISO 8601.")
     max_batch_size: int
     max_wait_ms: float
+    explain_available: bool = Field(
+        description="Whether ?explain=true can work here: the package has weights.safetensors and torch, "
+        "timm and grad-cam are installed (the slim API image leaves them out)."
+    )
 
 
 class Health(BaseModel):

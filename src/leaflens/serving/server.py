@@ -56,12 +56,13 @@ def _settings_to_env(settings: ServeSettings) -> str:
 
 def app_from_env():
     """App factory for uvicorn workers: package and settings come from the environment :func:`serve` set."""
-    package = os.environ.get(ENV_PACKAGE)
-    if not package:
-        raise RuntimeError(f"{ENV_PACKAGE} is not set; start the service with `leaflens serve package=<dir>`")
-    if not os.environ.get(ENV_SETTINGS):
-        raise RuntimeError(f"{ENV_SETTINGS} is not set; start the service with `leaflens serve package=<dir>`")
-    values = json.loads(os.environ[ENV_SETTINGS])
+    package, settings = os.environ.get(ENV_PACKAGE), os.environ.get(ENV_SETTINGS)
+    if not package or not settings:
+        raise RuntimeError(
+            f"{ENV_PACKAGE} and {ENV_SETTINGS} must be set: start the service with "
+            "`leaflens serve package=<dir>`"
+        )
+    values = json.loads(settings)
     if values.get("summaries_path"):
         values["summaries_path"] = Path(values["summaries_path"])
     return create_app(package, ServeSettings(**values))

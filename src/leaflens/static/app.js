@@ -112,6 +112,11 @@ async function loadModelInfo() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
     const crops = [...new Set(info.labels.map((l) => l.crop))].join(", ");
+    if (!info.explain_available) {
+      $("explain").checked = false;
+      $("explain").disabled = true;
+      $("explain").parentElement.title = "Grad-CAM is not installed on this server.";
+    }
     $("model-info").textContent = `Model ${info.version} (${info.arch || "unknown"}), ${info.num_classes} classes. Crops: ${crops}.`;
   } catch (err) {
     $("model-info").textContent = `Model information unavailable (${err.message}).`;

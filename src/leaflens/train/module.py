@@ -107,11 +107,15 @@ class ClassifierModule(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> ClassifierModule:
-        # Lightning calls train() at every epoch start: frozen (or folded) BatchNorms must go back
-        # to eval mode.
+        # Frozen (or folded) BatchNorms must never see batch statistics: they go back to eval mode.
         super().train(mode)
         set_train_mode(self.net, mode, self.freeze_bn_stats)
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning 2.x never calls train() itself (it saves and restores each submodule's flag around
+        # validation), so the BatchNorm modes are set here, before every training epoch.
+        self.train()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

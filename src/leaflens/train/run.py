@@ -129,6 +129,27 @@ def _write_run_header(run_dir: Path, cfg: DictConfig, processed_dir: Path, train
     _write_json(run_dir / "trainable.json", trainable)
 
 
+@rank_zero_only
+def log_best_model(
+    wandb_logger: WandbLogger, run_dir: Path, checkpoint: ModelCheckpoint | None, metrics: dict
+) -> None:
+    """Log the best checkpoint (+ classes, trainable table, metrics) as a W&B "model" artifact, "best"."""
+    import wandb
+
+    scalars = {k: v for k, v in metrics.items() if k != "history"}
+    wandb_logger.experiment.summary.update(scalars)
+    best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
+    if best is None or not best.is_file():
+        logger.warning("No best checkpoint to log to W&B")
+        return
+    artifact = wandb.Artifact(f"model-{wandb_logger.experiment.id}", type="model", metadata=scalars)
+    artifact.add_file(str(best), name="best.ckpt")
+    for name in ("classes.json", "trainable.json", "metrics.json", "config.yaml"):
+        artifact.add_file(str(run_dir / name), name=name)
+    wandb_logger.experiment.log_artifact(artifact, aliases=["best", "latest"])
+    wandb_logger.experiment.finish()
+
+
 def summarise(
     history: TrainHistory, checkpoint: ModelCheckpoint | None, wall_s: float, trainer: L.Trainer
 ) -> dict:
@@ -243,8 +264,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         )
         for log in loggers:
             if isinstance(log, WandbLogger):
-                log.experiment.summary.update({k: v for k, v in metrics.items() if k != "history"})
-                log.finalize("success")
+                log_best_model(log, run_dir, checkpoint, metrics)
         return run_dir
     finally:
         if sink is not None:
