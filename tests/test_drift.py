@@ -30,7 +30,7 @@ from leaflens.ops.drift import DriftOptions, check_drift, compare, drift
 WEIGHTS = SHARED_MINI.parents[1] / "weights" / "tf_mobilenetv3_small_100.safetensors"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"needs the shared PlantVillage-mini at {SHARED_MINI}"),
+    pytest.mark.skipif(not SHARED_MINI.is_dir(), reason=f"needs PlantVillage-mini at {SHARED_MINI}"),
 ]
 
 N_REFERENCE = 160

@@ -171,7 +171,7 @@ def best_experiment(base: DictConfig, space: Mapping[str, Any], trial: optuna.tr
     groups = {k: v for n, v in trial.params.items() for k in _keys(n, space[n]) if _is_group(k)}
     plain_best: dict[str, Any] = OmegaConf.to_container(best, resolve=True)  # type: ignore[assignment]
     plain_default: dict[str, Any] = OmegaConf.to_container(defaults_cfg, resolve=True)  # type: ignore[assignment]
-    output_dir = str(base.paths.output_dir)
+    output_dir, root_dir = str(base.paths.output_dir), str(base.paths.root_dir)
     values = {}
     for section in TRAINING_SECTIONS:
         if section in groups:  # the group file is chosen in `defaults`; keep only what differs from that file
@@ -183,6 +183,8 @@ def best_experiment(base: DictConfig, space: Mapping[str, Any], trial: optuna.tr
         ).items():
             if isinstance(value, str) and output_dir in value:
                 continue  # per-run paths (checkpoint dirs...) derive from paths.output_dir
+            if isinstance(value, str) and value.startswith(root_dir + "/"):
+                value = "${paths.root_dir}" + value[len(root_dir) :]  # portable to another checkout
             values[key] = value
     nested = OmegaConf.create()
     for key, value in values.items():

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -45,6 +46,28 @@ def warmup_cosine(
         _warmup_cosine_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
     )
     return LambdaLR(optimizer, factor)
+
+
+def _ema_update(
+    averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, decay: float
+) -> torch.Tensor:
+    # Warm-up (as timm's ModelEmaV3): early on the average follows the weights closely, so a short run is not
+    # dominated by its random initial classifier; later the decay reaches ``decay``.
+    step = float(num_averaged)
+    rate = min(decay, (1.0 + step) / (10.0 + step))
+    return averaged + (current - averaged) * (1.0 - rate)
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights with a decay warm-up; used for validation and checkpoints.
+
+    Args:
+        decay: Final decay per optimizer step (e.g. 0.99 averages over the last ~100 steps).
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        super().__init__(avg_fn=partial(_ema_update, decay=decay), use_buffers=True)
+        self.decay = decay
 
 
 def parameter_groups(net: nn.Module, weight_decay: float) -> list[dict]:
