@@ -49,7 +49,9 @@ def compose(*overrides: str, task_name: str = "test") -> DictConfig:
     return load_config(list(overrides), task_name=task_name)
 
 
-def _shared_artifact(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+def _shared_artifact(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]
+) -> Path:
     """Build ``name`` once for all xdist workers: the first one builds, the others wait and reuse."""
     # Under xdist each worker's basetemp sits inside this session's directory; without xdist the parent would be
     # shared by every past session, so stay inside basetemp then.
@@ -93,7 +95,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path) -
     def build(root: Path) -> Path:
         from leaflens.train.run import train
 
-        cfg = compose(*data_overrides(prepared_root), *FAST_TRAIN, f"paths.output_dir={root}", task_name="train")
+        cfg = compose(
+            *data_overrides(prepared_root), *FAST_TRAIN, f"paths.output_dir={root}", task_name="train"
+        )
         return train(cfg)
 
     return _shared_artifact(tmp_path_factory, "run", build)
@@ -107,7 +111,10 @@ def model_package(tmp_path_factory: pytest.TempPathFactory, prepared_root: Path,
         from leaflens.export.run import export
 
         cfg = compose(
-            *data_overrides(prepared_root), f"run={trained_run}", f"paths.output_dir={root}", task_name="export"
+            *data_overrides(prepared_root),
+            f"run={trained_run}",
+            f"paths.output_dir={root}",
+            task_name="export",
         )
         return export(cfg)
 

@@ -15,7 +15,9 @@ from leaflens.config import load_config
 from leaflens.logs import logger, setup_logging
 
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
-_OVERRIDES_HELP = "Trailing key=value pairs override configs/ (Hydra syntax), e.g. peft=head trainer.max_epochs=3."
+_OVERRIDES_HELP = (
+    "Trailing key=value pairs override configs/ (Hydra syntax), e.g. peft=head trainer.max_epochs=3."
+)
 
 app = typer.Typer(
     name="leaflens",
@@ -84,7 +86,9 @@ def evaluate(ctx: typer.Context) -> None:
 @app.command(context_settings=_EXTRA)
 def export(
     ctx: typer.Context,
-    int8: Annotated[bool, typer.Option("--int8", help="Also write a static int8 model (export.int8=true).")] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write a static int8 model (export.int8=true).")
+    ] = False,
 ) -> None:
     """Export run=<dir> as a self-contained model package (ONNX, labels, preprocessing, calibration, card)."""
     from leaflens.export.run import export as run_export

@@ -65,7 +65,8 @@ def decode_image(
     rgb = to_rgb(image)
     if min(rgb.shape[:2]) < min_size:
         raise ImageDecodeError(
-            "too_small", f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels is under the minimum side of {min_size}"
+            "too_small",
+            f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels is under the minimum side of {min_size}",
         )
     return rgb
 

@@ -28,16 +28,23 @@ def run_pipeline(overrides: Sequence[str] = ()) -> Path:
 
     base = load_config(overrides, task_name="train")
     run_name = Path(base.paths.output_dir).name
-    run_dir = train(load_config([*overrides, f"paths.output_dir={base.paths.models_dir}/runs/{run_name}"], "train"))
+    run_dir = train(
+        load_config([*overrides, f"paths.output_dir={base.paths.models_dir}/runs/{run_name}"], "train")
+    )
     logger.info("Trained run: {}", run_dir)
 
     report = evaluate(
-        load_config([*overrides, f"run={run_dir}", f"paths.output_dir={base.paths.reports_dir}/{run_name}"], "evaluate")
+        load_config(
+            [*overrides, f"run={run_dir}", f"paths.output_dir={base.paths.reports_dir}/{run_name}"],
+            "evaluate",
+        )
     )
     logger.info("Evaluation report: {}", report)
 
     package = export(
-        load_config([*overrides, f"run={run_dir}", f"paths.output_dir={base.paths.models_dir}/package"], "export")
+        load_config(
+            [*overrides, f"run={run_dir}", f"paths.output_dir={base.paths.models_dir}/package"], "export"
+        )
     )
     logger.info("Model package: {}", package)
     return package

@@ -32,7 +32,9 @@ def spec_from_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     resize_to = math.floor(min(height, width) / crop_pct)
     interpolation = str(data_config.get("interpolation", "bilinear"))
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unsupported interpolation {interpolation!r}; expected one of {sorted(INTERPOLATIONS)}")
+        raise ValueError(
+            f"unsupported interpolation {interpolation!r}; expected one of {sorted(INTERPOLATIONS)}"
+        )
     return {
         "input_size": [channels, height, width],
         "resize_to": resize_to,

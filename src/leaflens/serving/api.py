@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import BackgroundTasks, FastAPI, File, Query, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -371,6 +372,7 @@ def create_app(package_dir: str | Path, settings: ServeSettings) -> FastAPI:
     app.state.settings = settings
     _install_error_handlers(app)
     _add_routes(app, settings, metrics)
+    _add_drift_route(app, package_dir, settings)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(
         BodyLimitMiddleware,
@@ -420,6 +422,31 @@ def _package_version() -> str:
         return version("leaflens")
     except PackageNotFoundError:  # running from a source tree that was not installed
         return "0+unknown"
+
+
+def _add_drift_route(app: FastAPI, package_dir: Path, settings: ServeSettings) -> None:
+    @app.get(
+        "/v1/drift", summary="Drift of recent inputs against the training reference", tags=["monitoring"]
+    )
+    async def drift(request: Request, last_n: int = 1000) -> JSONResponse:
+        _state(request)
+        if settings.summaries_path is None:
+            raise ApiError(409, "no_summaries", "input summaries are off (serve.summaries.enabled=false)")
+        try:  # Evidently, pandas and scikit-learn: only where the training extra is installed, and only here
+            from leaflens.ops.drift import check_drift
+        except ImportError as err:
+            raise ApiError(
+                501,
+                "drift_unavailable",
+                f"drift checks need `pip install leaflens[train]` ({err.name} missing)",
+            ) from err
+        try:
+            result = await run_in_threadpool(
+                check_drift, package_dir, settings.summaries_path, last_n=max(1, last_n)
+            )
+        except (FileNotFoundError, ValueError) as err:
+            raise ApiError(409, "drift_unavailable", str(err)) from err
+        return JSONResponse(jsonable_encoder(result))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
