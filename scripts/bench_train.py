@@ -15,20 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-# glibc malloc otherwise hands memory back to the OS every step and page-faults it back (see the Makefile).
-_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "68719476736",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
-if any(
-    k not in os.environ for k in _MALLOC
-):  # malloc reads these at start-up only: re-execute once with them
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from _malloc import reexec_with_malloc_env
+
+reexec_with_malloc_env()
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402

@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-_MALLOC = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "68719476736",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
-if any(
-    k not in os.environ for k in _MALLOC
-):  # malloc reads these at start-up only: re-execute once with them
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+from _malloc import reexec_with_malloc_env
+
+reexec_with_malloc_env()
 
 import torch  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score  # noqa: E402

@@ -118,10 +118,15 @@ BATCHES = {
 }
 
 
+def _options(**overrides) -> DriftOptions:
+    """The configured drift options (``configs/ops/default.yaml``), with ``overrides``."""
+    return DriftOptions.from_config({**compose(task_name="drift").drift, **overrides})
+
+
 def _compare(package: Path, embedder: TimmEmbedder, images: list[np.ndarray]) -> dict:
     reference = load_reference(package)
     stats = stats_matrix([image_stats(img) for img in images])
-    result, snapshot = compare(reference, stats, embedder.embed(images), DriftOptions())
+    result, snapshot = compare(reference, stats, embedder.embed(images), _options())
     assert snapshot is None  # no HTML report unless asked for
     return result
 
@@ -153,7 +158,7 @@ def test_too_few_summaries_gives_no_verdict(package, embedder, fresh) -> None:
     reference = load_reference(package)
     images = fresh[:5]
     result, snapshot = compare(
-        reference, stats_matrix([image_stats(i) for i in images]), embedder.embed(images)
+        reference, stats_matrix([image_stats(i) for i in images]), embedder.embed(images), _options()
     )
     assert result["verdict"] == "insufficient_data" and snapshot is None
 
@@ -161,7 +166,7 @@ def test_too_few_summaries_gives_no_verdict(package, embedder, fresh) -> None:
 def test_embedding_size_mismatch_is_refused(package) -> None:
     reference = load_reference(package)
     with pytest.raises(ValueError, match="another model"):
-        compare(reference, reference.stats_array()[:30], np.zeros((30, 8), np.float32))
+        compare(reference, reference.stats_array()[:30], np.zeros((30, 8), np.float32), _options())
 
 
 def test_drift_command_reads_the_store_and_writes_reports(package, embedder, fresh, tmp_path: Path) -> None:
@@ -184,14 +189,14 @@ def test_drift_command_reads_the_store_and_writes_reports(package, embedder, fre
     assert "brightness" in (out / "drift.md").read_text()
     assert (out / "drift.html").stat().st_size > 10_000
 
-    api_result = check_drift(package, store_path, options={"min_samples": 10_000})
+    api_result = check_drift(package, store_path, options=_options(min_samples=10_000))
     assert api_result["verdict"] == "insufficient_data" and api_result["window"]["model_version"] == "test-1"
 
 
 def test_drift_errors_name_the_fix(package, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="monitoring store"):
-        check_drift(package, tmp_path / "missing.db")
+        check_drift(package, tmp_path / "missing.db", options=_options())
     with pytest.raises(FileNotFoundError, match="re-export"):
-        check_drift(tmp_path, tmp_path / "missing.db")
+        check_drift(tmp_path, tmp_path / "missing.db", options=_options())
     with pytest.raises(ValueError, match="package="):
         drift(compose(task_name="drift"))

@@ -29,31 +29,32 @@ from leaflens.monitoring import STAT_NAMES, Reference, SummaryStore, load_refere
 
 @dataclass
 class DriftOptions:
-    """How drift is tested (``drift.*`` in the config)."""
+    """How drift is tested: the ``drift`` section of the config (``configs/ops/default.yaml`` documents each
+    value and holds the defaults)."""
 
     # Evidently stat test for every feature (e.g. "ks", "wasserstein", "psi"); None lets Evidently choose by
     # size.
-    stattest: str | None = None
+    stattest: str | None
     # Threshold of that test (p-value for tests, distance for distances); None uses the test's default.
-    threshold: float | None = None
+    threshold: float | None
     # The batch drifts when at least this share of the per-feature tests detect drift.
-    drift_share: float = 0.3
+    drift_share: float
     # Principal components of the embeddings tested one by one (fitted on the reference).
-    pca_components: int = 5
+    pca_components: int
     # Domain-classifier test on the embeddings: ROC AUC above this means drift.
-    embedding_threshold: float = 0.6
+    embedding_threshold: float
     # The classifier sees this many principal components of the embeddings (small samples overfit 1024-d).
-    embedding_pca: int = 20
+    embedding_pca: int
     # Fewer current samples than this -> no verdict ("insufficient_data").
-    min_samples: int = 20
+    min_samples: int
     # Features excluded from the tests (e.g. ["width", "height", "aspect"] when clients resize before
     # sending).
-    exclude: Sequence[str] = ()
+    exclude: Sequence[str]
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> DriftOptions:
+    def from_config(cls, section: Mapping[str, Any]) -> DriftOptions:
         known = set(cls.__dataclass_fields__)
-        values: dict[str, Any] = {k: v for k, v in dict(section or {}).items() if k in known}
+        values: dict[str, Any] = {k: v for k, v in dict(section).items() if k in known}
         if "exclude" in values:
             values["exclude"] = list(values["exclude"] or ())
         return cls(**values)
@@ -134,7 +135,7 @@ def compare(
     reference: Reference,
     stats: np.ndarray,
     embeddings: np.ndarray,
-    options: DriftOptions | None = None,
+    options: DriftOptions,
     *,
     report: bool = False,
 ) -> tuple[dict[str, Any], Any]:
@@ -145,7 +146,6 @@ def compare(
         "insufficient_data"}, per-feature ``tests``, ``embedding`` test, counts) and, with ``report=True`` and
         enough data, Evidently's report snapshot (``save_html``), else ``None``.
     """
-    options = options or DriftOptions()
     n_current = int(stats.shape[0])
     result: dict[str, Any] = {
         "n_reference": int(reference.embeddings.shape[0]),
@@ -220,7 +220,7 @@ def check_drift(
     *,
     since: float | None = None,
     last_n: int | None = 1000,
-    options: DriftOptions | Mapping[str, Any] | None = None,
+    options: DriftOptions | Mapping[str, Any],
 ) -> dict[str, Any]:
     """Drift of the store's latest summaries (of this package's model version) against the package reference.
 

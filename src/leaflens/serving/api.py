@@ -62,6 +62,8 @@ class ServeSettings:
     top_k: int
     summaries_path: Path | None
     store_raw_images: bool
+    # The `drift` config section, for GET /v1/drift.
+    drift: dict[str, Any]
 
 
 class ApiError(Exception):
@@ -442,7 +444,11 @@ def _add_drift_route(app: FastAPI, package_dir: Path, settings: ServeSettings) -
             ) from err
         try:
             result = await run_in_threadpool(
-                check_drift, package_dir, settings.summaries_path, last_n=max(1, last_n)
+                check_drift,
+                package_dir,
+                settings.summaries_path,
+                last_n=max(1, last_n),
+                options=settings.drift,
             )
         except (FileNotFoundError, ValueError) as err:
             raise ApiError(409, "drift_unavailable", str(err)) from err

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from leaflens.logs import logger
 from leaflens.serving.api import ServeSettings, create_app
@@ -45,6 +45,7 @@ def settings_from_config(serve: DictConfig) -> ServeSettings:
         top_k=int(serve.top_k),
         summaries_path=Path(str(store)) if store else None,
         store_raw_images=bool(summaries.get("store_raw_images", False)),
+        drift=dict(OmegaConf.to_container(serve.drift, resolve=True)),  # type: ignore[arg-type]
     )
 
 
