@@ -68,6 +68,22 @@ def _shared_artifact(
 
 
 @pytest.fixture(scope="session")
+def data_config() -> dict:
+    """timm's resolved data config of the configured backbone (metadata only: no weights needed)."""
+    import timm
+    from timm.data import resolve_data_config
+
+    cfg = compose(task_name="data")
+    return resolve_data_config({}, model=timm.create_model(cfg.model.name, pretrained=False))
+
+
+@pytest.fixture(scope="session")
+def augment() -> dict:
+    """The configured training augmentation."""
+    return dict(compose(task_name="data").data.augment)
+
+
+@pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE_DIR
 

@@ -7,26 +7,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import timm
 import torch
-from timm.data import resolve_data_config
 
-from conftest import SAMPLE_DIR, compose
+from conftest import SAMPLE_DIR
 from leaflens.data.transforms import eval_transform, train_transform
 from leaflens.images import decode_image
 from leaflens.preprocessing import preprocess, spec_from_data_config
-
-
-@pytest.fixture(scope="module")
-def data_config() -> dict:
-    """The resolved data config of the project's default backbone (no weights needed for metadata)."""
-    cfg = compose(task_name="data")
-    return resolve_data_config({}, model=timm.create_model(cfg.model.name, pretrained=False))
-
-
-@pytest.fixture(scope="module")
-def augment() -> dict:
-    return dict(compose(task_name="data").data.augment)
 
 
 @pytest.fixture(scope="module")

@@ -10,26 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
-from timm.data import resolve_data_config
 
-from conftest import compose
 from leaflens.data.datamodule import PlantVillageDataModule
 from leaflens.data.prepare import load_manifest
 from leaflens.images import decode_image
 from leaflens.preprocessing import preprocess, spec_from_data_config
-
-
-@pytest.fixture(scope="module")
-def data_config() -> dict:
-    cfg = compose(task_name="data")
-    return resolve_data_config({}, model=timm.create_model(cfg.model.name, pretrained=False))
-
-
-@pytest.fixture(scope="module")
-def augment() -> dict:
-    return dict(compose(task_name="data").data.augment)
 
 
 def _dm(processed: Path, data_config: dict, **kwargs: object) -> PlantVillageDataModule:
