@@ -27,7 +27,7 @@ def _loader_throughput(dm, epochs: int) -> tuple[float, float]:
     for _ in range(epochs):
         start, seen = time.perf_counter(), 0
         for images, _labels in dm.train_dataloader():
-            seen += len(images)
+            seen += len(dm.normalize(images))  # what a training step receives
         rates.append(seen / (time.perf_counter() - start))
     later = rates[1:] or rates
     return rates[0], sum(later) / len(later)

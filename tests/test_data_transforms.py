@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_DIR
-from leaflens.data.transforms import eval_transform, train_transform
+from leaflens.data.transforms import eval_transform, normalize_batch, train_transform
 from leaflens.images import decode_image
 from leaflens.preprocessing import preprocess, spec_from_data_config
 
@@ -50,6 +50,25 @@ def test_normalisation_comes_from_the_data_config(data_config: dict) -> None:
             expected = (value / 255.0 - mean) / std
             np.testing.assert_allclose(out.mean(axis=(1, 2), dtype=np.float64), expected, atol=1e-5)
             np.testing.assert_allclose(out.std(axis=(1, 2), dtype=np.float64), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(256, 256), (300, 451)])
+def test_uint8_output_normalised_per_batch_equals_serving_preprocess(
+    data_config: dict, photo: np.ndarray, size: tuple
+) -> None:
+    image = cv2.resize(photo, size[::-1], interpolation=cv2.INTER_AREA)
+    for config in _variants(data_config):
+        raw = eval_transform(config, normalize=False)(image=image)["image"]
+        assert raw.dtype == np.uint8 and raw.shape == (*config["input_size"][1:], 3)
+        batch = normalize_batch(
+            torch.from_numpy(np.stack([raw, raw[::-1].copy()])), config["mean"], config["std"]
+        )
+        assert batch.dtype == torch.float32 and tuple(batch.shape) == (2, *config["input_size"])
+        theirs = preprocess(image, spec_from_data_config(config))
+        np.testing.assert_allclose(batch[0].numpy(), theirs, atol=1e-5)
+        np.testing.assert_allclose(batch[1].numpy(), theirs[:, ::-1], atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_batch(torch.zeros(1, 8, 8, 3), (0.5,) * 3, (0.5,) * 3)
 
 
 def test_train_transform_shapes_and_randomness(data_config: dict, augment: dict, photo: np.ndarray) -> None:

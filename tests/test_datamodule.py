@@ -28,8 +28,13 @@ def test_batches_have_the_model_input(prepared_root: Path, data_config: dict, au
     dm = _dm(processed, data_config, augment=augment)
     assert dm.num_classes == len(json.loads((processed / "classes.json").read_text())) == 38
     dm.setup("fit")
-    images, labels = next(iter(dm.train_dataloader()))
+    raw, labels = next(iter(dm.train_dataloader()))
+    _, height, width = data_config["input_size"]
+    # Workers ship uint8 (H, W, 3); the batch becomes the network input after transfer.
+    assert raw.dtype == torch.uint8 and tuple(raw.shape) == (16, height, width, 3)
+    images, same_labels = dm.on_after_batch_transfer((raw, labels), 0)
     assert images.dtype == torch.float32 and tuple(images.shape) == (16, *data_config["input_size"])
+    assert same_labels is labels
     assert labels.dtype == torch.int64 and labels.shape == (16,)
     assert torch.isfinite(images).all()
     assert labels.min() >= 0 and labels.max() < dm.num_classes
@@ -47,7 +52,7 @@ def test_val_and_test_are_never_augmented(prepared_root: Path, data_config: dict
     dm.setup("test")
     spec = spec_from_data_config(data_config)
     for split, loader in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
-        first, second = next(iter(loader())), next(iter(loader()))
+        first, second = (dm.on_after_batch_transfer(next(iter(loader())), 0) for _ in range(2))
         assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
         rows = dm.split_frame(split).head(len(first[0]))
         expected = np.stack([preprocess(decode_image(p), spec) for p in rows["path"]])

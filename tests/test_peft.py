@@ -56,8 +56,15 @@ def _bias_count(model: nn.Module) -> int:
     )
 
 
+def _bn_scale_count(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def _expected_trainable(base: nn.Module, strategy: str, **kwargs: object) -> int:
     """Independent count of what each strategy should train."""
+    if kwargs.get("extra_trainable"):  # the only pattern the cases use: every BatchNorm scale
+        rest = {k: v for k, v in kwargs.items() if k != "extra_trainable"}
+        return _expected_trainable(base, strategy, **rest) + _bn_scale_count(base)
     head = sum(p.numel() for p in base.classifier.parameters())
     if strategy == "head":
         return head
@@ -70,9 +77,8 @@ def _expected_trainable(base: nn.Module, strategy: str, **kwargs: object) -> int
         return sum(p.numel() for m in modules for p in m.parameters())
     if strategy == "lora":  # r * (in + out) per 1x1 conv adapter
         r = int(kwargs.get("lora_r", 8))
-        convs = [
-            m for n, m in base.named_modules() if n.split(".")[-1] in ("conv_pw", "conv_pwl", "conv_head")
-        ]
+        targets = kwargs.get("lora_targets", ("conv_pw", "conv_pwl", "conv_head"))
+        convs = [m for n, m in base.named_modules() if n.split(".")[-1] in targets]
         return head + sum(r * (c.in_channels + c.out_channels) for c in convs)
     raise AssertionError(strategy)
 
@@ -84,6 +90,9 @@ CASES = [
     ("last_k", {"last_k": 2}, True),
     ("lora", {"lora_r": 4}, True),
     ("full", {}, True),
+    # BatchNorm scales on top of a strategy: per-channel rescaling of every (folded) conv.
+    ("bitfit", {"extra_trainable": [r"bn\d\.weight$"]}, True),
+    ("lora", {"lora_r": 2, "lora_targets": ["conv_head"], "extra_trainable": [r"bn\d\.weight$"]}, True),
 ]
 
 
@@ -113,8 +122,13 @@ def test_only_intended_parameters_change(
             assert changed == (name in trainable), f"{strategy}: {name} changed={changed}"
         elif name in frozen_bn_buffers:
             assert torch.equal(before[name], value), f"{strategy}: frozen BN buffer {name} changed"
-    if strategy == "lora":
+    if strategy == "lora" and not kwargs.get("extra_trainable"):
         assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+
+
+def test_extra_trainable_pattern_must_match(base: nn.Module) -> None:
+    with pytest.raises(ValueError, match="matches no parameter"):
+        apply_peft(copy.deepcopy(base), "head", extra_trainable=[r"no_such_layer\.weight"])
 
 
 def test_trainable_batchnorm_updates_statistics_unless_frozen(base: nn.Module) -> None:

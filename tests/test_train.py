@@ -89,7 +89,7 @@ def test_reloaded_model_reproduces_validation_accuracy(trained_run: Path, prepar
         for index, (images, labels) in enumerate(dm.val_dataloader()):
             if index >= cfg.trainer.limit_val_batches:
                 break
-            correct += int((run.model(images).argmax(1) == labels).sum())
+            correct += int((run.model(dm.normalize(images)).argmax(1) == labels).sum())
             total += labels.numel()
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert correct / total == pytest.approx(metrics["val_acc"], abs=1e-6)

@@ -62,12 +62,15 @@ def preload_images(
 
 
 class ManifestDataset(Dataset):
-    """``(image tensor [3, h, w] float32, label id)`` pairs for a list of files.
+    """``(image tensor, label id)`` pairs for a list of files.
+
+    The image is whatever ``transform`` returns as a tensor: ``[3, h, w]`` float32 from a normalising
+    transform, or ``[h, w, 3]`` uint8 from one built with ``normalize=False``.
 
     Args:
         paths: Absolute image paths.
         labels: Label id (index in ``classes.json``) of each path.
-        transform: An Albumentations ``Compose`` returning a tensor under ``"image"``.
+        transform: An Albumentations ``Compose`` returning a tensor or an array under ``"image"``.
         sha256s: Content hashes, used to find images in ``cache_dir``.
         cache_dir: The resized ``.npy`` cache of ``data prepare``, if any.
         images: Pre-decoded images (see :func:`preload_images`), same order as ``paths``.
@@ -102,7 +105,12 @@ class ManifestDataset(Dataset):
         else:
             sha = self.sha256s[index] if self.sha256s is not None else None
             rgb = load_rgb(self.paths[index], sha, self.cache_dir)
-        return self.transform(image=rgb)["image"], self.labels[index]
+        image = self.transform(image=rgb)["image"]
+        if isinstance(image, np.ndarray):
+            # A no-op transform hands back the decoded (possibly read-only, cached) array itself.
+            writable = image.flags.writeable and image.flags.c_contiguous
+            image = torch.from_numpy(image if writable else np.array(image, order="C"))
+        return image, self.labels[index]
 
 
 def seed_worker_transform(worker_id: int) -> None:

@@ -6,27 +6,48 @@ uses, so validation in training sees exactly the pixels production sees (tested 
 ``preprocessing.preprocess``).
 
 Both functions return an ``A.Compose``: call it as ``transform(image=rgb)["image"]`` with an
-``(H, W, 3)`` uint8 RGB array to get a ``(3, h, w)`` float32 torch tensor.
+``(H, W, 3)`` uint8 RGB array to get a ``(3, h, w)`` float32 torch tensor, or with ``normalize=False`` the
+``(h, w, 3)`` uint8 array: training loaders ship those (4x less data between processes) and
+:func:`normalize_batch` turns a whole batch into the network's input at once, on the training device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import albumentations as A
 import cv2
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from leaflens.preprocessing import INTERPOLATIONS, spec_from_data_config
 
 
-def _normalise(spec: Mapping[str, Any]) -> list[A.BasicTransform]:
+def _normalise(spec: Mapping[str, Any], normalize: bool = True) -> list[A.BasicTransform]:
+    if not normalize:
+        return []
     return [A.Normalize(mean=spec["mean"], std=spec["std"], max_pixel_value=255.0), ToTensorV2()]
 
 
-def eval_transform(data_config: Mapping[str, Any]) -> A.Compose:
-    """Resize the shorter side to ``input / crop_pct``, centre-crop to the input, normalise, to tensor."""
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A ``(B, H, W, 3)`` uint8 batch as the normalised ``(B, 3, H, W)`` float32 network input.
+
+    Same arithmetic as the per-image ``A.Normalize`` (``(x / 255 - mean) / std``); the result is in
+    channels-last memory order (the permute is free), which the training module uses anyway.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected a (B, H, W, 3) uint8 batch, got {tuple(images.shape)} {images.dtype}")
+    shift = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    scale = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - shift) / scale
+
+
+def eval_transform(data_config: Mapping[str, Any], normalize: bool = True) -> A.Compose:
+    """Resize the shorter side to ``input / crop_pct``, centre-crop to the input, normalise, to tensor.
+
+    With ``normalize=False`` the output stays an ``(h, w, 3)`` uint8 array (see :func:`normalize_batch`).
+    """
     spec = spec_from_data_config(data_config)
     _, height, width = spec["input_size"]
     return A.Compose(
@@ -36,20 +57,23 @@ def eval_transform(data_config: Mapping[str, Any]) -> A.Compose:
                 interpolation=INTERPOLATIONS[spec["interpolation"]],
             ),
             A.CenterCrop(height=height, width=width),
-            *_normalise(spec),
+            *_normalise(spec, normalize),
         ]
     )
 
 
-def train_transform(data_config: Mapping[str, Any], augment: Mapping[str, Any] | None) -> A.Compose:
+def train_transform(
+    data_config: Mapping[str, Any], augment: Mapping[str, Any] | None, normalize: bool = True
+) -> A.Compose:
     """Random resized crop, flips, rotation, colour jitter and blur (``data.augment``), then normalise.
 
     Args:
         data_config: timm's resolved data config of the model.
         augment: The ``data.augment`` settings; ``None`` trains on the eval transform (no augmentation).
+        normalize: ``False`` leaves the ``(h, w, 3)`` uint8 array (see :func:`normalize_batch`).
     """
     if augment is None:
-        return eval_transform(data_config)
+        return eval_transform(data_config, normalize)
     spec = spec_from_data_config(data_config)
     _, height, width = spec["input_size"]
     interpolation = INTERPOLATIONS[spec["interpolation"]]
@@ -80,6 +104,6 @@ def train_transform(data_config: Mapping[str, Any], augment: Mapping[str, Any] |
                 p=float(augment["color_p"]),
             ),
             A.GaussianBlur(blur_limit=(3, 5), p=float(augment["blur_p"])),
-            *_normalise(spec),
+            *_normalise(spec, normalize),
         ]
     )

@@ -88,8 +88,7 @@ def classification_metrics(
 
     Returns:
         ``top1``, ``top5``, ``macro_f1``, ``ece``, ``per_class`` (precision/recall/F1/support for every
-        declared
-        class), ``confusion_matrix`` (rows true, columns predicted, all classes), ``most_confused``,
+        declared class), ``confusion_matrix`` (rows true, columns predicted, all classes), ``most_confused``,
         ``reliability`` and ``images``.
     """
     probs, labels = np.asarray(probs), np.asarray(labels, dtype=np.int64)

@@ -101,16 +101,14 @@ def _augmented_grid(run_cfg: DictConfig, data_config: dict, spec: dict, paths: l
     from leaflens.data.transforms import train_transform
 
     augment = run_cfg.get("data", {}).get("augment")
-    transform = train_transform(data_config, dict(augment) if augment is not None else None)
-    mean, std = np.asarray(spec["mean"]) * 255, np.asarray(spec["std"]) * 255
+    transform = train_transform(data_config, dict(augment) if augment is not None else None, normalize=False)
     tiles, titles = [], []
     for p in paths:
         rgb = decode_image(p)
         tiles.append(cropped_view(rgb, spec))
         titles.append(f"{Path(p).parent.name[:28]}\n(eval view)")
         for k in range(3):
-            chw = transform(image=rgb)["image"].numpy()
-            tiles.append(np.clip(chw.transpose(1, 2, 0) * std + mean, 0, 255).astype(np.uint8))
+            tiles.append(transform(image=rgb)["image"])
             titles.append(f"augmented #{k + 1}")
     return figures.image_grid_figure(tiles, titles, path, "Training augmentations (data.augment)", ncols=4)
 

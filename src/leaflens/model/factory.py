@@ -57,8 +57,7 @@ def check_hub_reachable(name: str, timeout_s: float = 5.0) -> None:
     """Fail at once, with the fix, when ``name``'s weights must come from an unreachable hub.
 
     huggingface_hub retries a refused connection with back-off for about a minute; a single quick request
-    first
-    turns that minute into an immediate, actionable error. Cached weights and offline mode need no network.
+    first turns that minute into an immediate, actionable error. Cached weights and offline mode need no network.
     """
     import requests
     from huggingface_hub import constants
@@ -91,6 +90,8 @@ def create_model(
         pretrained_file: A local safetensors file or torch state dict for ``name``. Loaded through timm, so a
             classifier of another size is dropped and every other key must match. Implies ``pretrained``.
         **timm_kwargs: Passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ``exportable``...).
+            ``pretrained_cfg_overlay`` (e.g. ``{"input_size": [3, 256, 256], "crop_pct": 1.0}``) changes the
+            preprocessing the model owns, which every stage resolves from it.
 
     Returns:
         The model in train mode; ``model.pretrained_cfg`` holds its preprocessing.
@@ -109,12 +110,9 @@ def create_model(
                 f"{name!r}, or set model.pretrained_file=null to download weights from the Hugging Face hub."
             )
         logger.info("Model {}: {} classes, weights from {}", name, num_classes, path)
+        overlay = {**(timm_kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(path)}
         return timm.create_model(
-            name,
-            pretrained=True,
-            num_classes=num_classes,
-            pretrained_cfg_overlay={"file": str(path)},
-            **timm_kwargs,
+            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **timm_kwargs
         )
     if not pretrained:
         logger.warning(

@@ -5,10 +5,14 @@ Strategies (``configs/peft/*.yaml``):
 - ``head``: only the classifier (a linear probe);
 - ``bitfit``: every bias (conv, BatchNorm, squeeze-excite) + the classifier;
 - ``lora``: LoRA adapters (the ``peft`` library) on 1x1 convs + the classifier in ``modules_to_save``,
-optionally
-  with every bias trained too (``lora_bias="all"`` = LoRA + BitFit); merged into plain weights for export;
+  optionally with every bias trained too (``lora_bias="all"`` = LoRA + BitFit); merged into plain weights for
+  export;
 - ``last_k``: the last ``k`` blocks, everything after them (``conv_head``) and the classifier;
 - ``full``: everything.
+
+Any strategy can also train the parameters whose names match ``extra_trainable`` (regexes), e.g. the BatchNorm
+scales (``bn1.weight``, ``bn2.weight``...: a per-channel rescaling of every conv, a few thousand numbers) or
+depthwise kernels.
 
 BatchNorm layers whose parameters are all frozen stay in eval mode during training (their running statistics
 never change); with ``freeze_bn_stats`` every BatchNorm does, which backbones with folded BN require.
@@ -16,6 +20,7 @@ never change); with ``freeze_bn_stats`` every BatchNorm does, which backbones wi
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -90,6 +95,7 @@ def apply_peft(
     lora_rank_pattern: dict[str, int] | None = None,
     lora_bias: str = "none",
     last_k: int = 2,
+    extra_trainable: Sequence[str] = (),
 ) -> nn.Module:
     """Freeze ``model`` according to ``strategy`` and return the model to train.
 
@@ -104,6 +110,8 @@ def apply_peft(
         lora_rank_pattern: Per-module rank overrides (peft's ``rank_pattern``), e.g. ``{"conv_head": 4}``.
         lora_bias: ``"none"`` or ``"all"`` (every bias also trains: LoRA + BitFit).
         last_k: Number of trailing blocks that train with ``last_k``.
+        extra_trainable: Regexes (``re.search``) over parameter names of the plain model; every match also
+            trains, whatever the strategy. A LoRA-wrapped module's own weight is named ``<module>.weight`` here.
 
     Returns:
         ``model`` itself, or a ``peft.PeftModel`` wrapping it for ``lora``.
@@ -111,7 +119,8 @@ def apply_peft(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown peft strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if strategy == "lora":
-        return _lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, lora_bias, lora_rank_pattern)
+        model = _lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, lora_bias, lora_rank_pattern)
+        return _train_also(model, extra_trainable)
     head = classifier_name(model)
     prefixes = {
         "head": [head],
@@ -122,6 +131,28 @@ def apply_peft(
     for name, param in model.named_parameters():
         trains = any(name == p or name.startswith(f"{p}.") or p == "" for p in prefixes)
         param.requires_grad_(trains or (strategy == "bitfit" and name.endswith("bias")))
+    return _train_also(model, extra_trainable)
+
+
+def _plain_name(name: str) -> str:
+    """Parameter name as in the plain timm model (peft's wrapper prefixes removed)."""
+    return name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def _train_also(model: nn.Module, patterns: Sequence[str]) -> nn.Module:
+    """Unfreeze the parameters whose plain names match any of ``patterns``; a pattern matching none is an error."""
+    for pattern in patterns:
+        regex = re.compile(pattern)
+        # LoRA's own tensors and peft's frozen copy of the classifier are never the target of a name pattern.
+        matches = [
+            param
+            for name, param in model.named_parameters()
+            if regex.search(_plain_name(name)) and "lora_" not in name and ".original_module." not in name
+        ]
+        if not matches:
+            raise ValueError(f"peft.extra_trainable pattern {pattern!r} matches no parameter of the model")
+        for param in matches:
+            param.requires_grad_(True)
     return model
 
 
@@ -168,8 +199,8 @@ def trainable_table(model: nn.Module, strategy: str, base_total: int | None = No
     """Trainable-parameter counts: overall and per module (what ``trainable.json`` stores).
 
     ``percent`` is relative to ``base_total``, the size of the plain model that ships (LoRA merged, no
-    duplicate
-    classifier); ``percent_of_all`` is relative to every parameter present while training (adapters included).
+    duplicate classifier); ``percent_of_all`` is relative to every parameter present while training (adapters
+    included).
     """
     rows: dict[str, dict[str, int]] = defaultdict(lambda: {"trainable": 0, "total": 0})
     trainable = total = 0

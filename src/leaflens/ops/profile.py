@@ -108,6 +108,7 @@ def profile_data(cfg: DictConfig, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with profiler:
         for images_batch, _labels in dm.train_dataloader():
+            images_batch = dm.normalize(images_batch)
             images += int(images_batch.shape[0])
             batches += 1
             if batches >= int(cfg.profile.data_batches):

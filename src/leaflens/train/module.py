@@ -1,8 +1,7 @@
 """The LightningModule that fine-tunes a classifier: loss, optimiser/schedule, metrics, BN handling.
 
 The network itself stays a plain ``nn.Module`` (``self.net``) built elsewhere (``leaflens.model``); this class
-only
-adds the training loop around it, so evaluation and export use the network without Lightning.
+only adds the training loop around it, so evaluation and export use the network without Lightning.
 """
 
 from __future__ import annotations
