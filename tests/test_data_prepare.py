@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -314,5 +315,6 @@ def test_resized_cache_is_written_once_and_read_by_the_dataset(built: dict, tmp_
     for index, path in enumerate(paths):
         image, label = dataset[index]
         original = decode_image(path)
-        assert image.dtype == np.uint8 and min(image.shape[:2]) == 128 < min(original.shape[:2])
+        # The dataset hands back a tensor (uint8 here: the identity transform does not normalise).
+        assert image.dtype == torch.uint8 and min(image.shape[:2]) == 128 < min(original.shape[:2])
         assert label == rows["label_id"][index]
