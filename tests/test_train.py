@@ -149,3 +149,31 @@ def test_wandb_logger_runs_offline_and_logs_the_best_model(
     record = next(runs[0].glob("*.wandb")).read_bytes()
     run_id = runs[0].name.rsplit("-", 1)[-1]
     assert f"model-{run_id}".encode() in record and b"best.ckpt" in record
+
+
+def test_ema_follows_its_warm_up_schedule() -> None:
+    """The fused EMA update equals the per-tensor formula: after step n the average moves by 1 - min(decay,
+    (1 + n) / (10 + n)) towards the weights; integer buffers follow the same rule."""
+    from functools import partial
+
+    from torch.optim.swa_utils import AveragedModel
+
+    from leaflens.train.module import _ema_update
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    # What the EMA callback builds (Lightning's WeightAveraging passes multi_avg_fn on to AveragedModel).
+    averaged = AveragedModel(net, use_buffers=True, multi_avg_fn=partial(_ema_update, decay=0.99))
+    expected = {k: v.clone().double() for k, v in net.state_dict().items()}
+    averaged.update_parameters(net)  # the first call copies
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 40):
+        with torch.no_grad():
+            for tensor in net.state_dict().values():
+                tensor.add_(torch.randint(0, 3, tensor.shape, generator=generator).to(tensor.dtype))
+        averaged.update_parameters(net)
+        weight = 1.0 - min(0.99, (1.0 + step) / (10.0 + step))
+        for key, tensor in net.state_dict().items():
+            moved = expected[key] + (tensor.double() - expected[key]) * weight
+            expected[key] = moved.trunc() if not tensor.is_floating_point() else moved
+    for key, tensor in averaged.module.state_dict().items():
+        assert torch.allclose(tensor.double(), expected[key], atol=1e-4), key

@@ -47,14 +47,24 @@ def warmup_cosine(
     return LambdaLR(optimizer, factor)
 
 
+@torch.no_grad()
 def _ema_update(
-    averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, decay: float
-) -> torch.Tensor:
+    averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor, decay: float
+) -> None:
+    """One EMA step over a group of same-dtype tensors (``AveragedModel``'s ``multi_avg_fn``), in place.
+
+    One fused ``_foreach_lerp_`` per group instead of one Python expression per tensor: 11 instead of 19 ms per
+    optimizer step on 2 CPU cores for the recipe's MobileNetV3-Small (a step takes ~430 ms).
+    """
     # Warm-up (as timm's ModelEmaV3): early on the average follows the weights closely, so a short run is not
     # dominated by its random initial classifier; later the decay reaches ``decay``.
     step = float(num_averaged)
-    rate = min(decay, (1.0 + step) / (10.0 + step))
-    return averaged + (current - averaged) * (1.0 - rate)
+    weight = 1.0 - min(decay, (1.0 + step) / (10.0 + step))
+    if averaged[0].is_floating_point():
+        torch._foreach_lerp_(averaged, current, weight)
+    else:  # integer buffers (BatchNorm's num_batches_tracked) have no lerp
+        for avg, cur in zip(averaged, current, strict=True):
+            avg.copy_(avg + (cur - avg) * weight)
 
 
 class EMA(WeightAveraging):
@@ -65,7 +75,7 @@ class EMA(WeightAveraging):
     """
 
     def __init__(self, decay: float = 0.99) -> None:
-        super().__init__(avg_fn=partial(_ema_update, decay=decay), use_buffers=True)
+        super().__init__(multi_avg_fn=partial(_ema_update, decay=decay), use_buffers=True)
         self.decay = decay
 
 
