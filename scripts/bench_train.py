@@ -6,7 +6,7 @@ Runs the real training config (default ``experiment=plantvillage_mini``) through
 ``--warmup + --steps`` batches, recording every batch; then replays the recorded batches through the same
 LightningModule's training step + backward + optimizer step with no loader. Both are measured in this one
 process, so the ratio (end-to-end / model-only; target >= 0.9 on CPU) is meaningful even on a noisy, shared machine;
-``--rounds`` repeats the pair (the ratio of single 60-batch rounds moved by +-0.05 on a 2-core machine) and the
+``--rounds`` repeats the pair (single 60-batch rounds read 0.79-0.95 on one idle 2-core machine) and the
 median is reported. Prints the numbers and writes the ``## Training`` section of ``reports/benchmarks.md``.
 """
 
