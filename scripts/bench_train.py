@@ -18,7 +18,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 from _malloc import reexec_with_malloc_env
 
@@ -28,6 +27,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 from timm.data import resolve_data_config  # noqa: E402
 
 from leaflens.config import load_config  # noqa: E402
@@ -97,7 +97,7 @@ def write_section(path: Path, body: str, title: str = "## Training") -> None:
 
 
 def measure_round(
-    module: ClassifierModule, dm: PlantVillageDataModule, cfg: Any, warmup: int, steps: int
+    module: ClassifierModule, dm: PlantVillageDataModule, cfg: DictConfig, warmup: int, steps: int
 ) -> tuple[float, float, float]:
     """One round: ``warmup + steps`` batches through ``Trainer.fit``, then the same batches model-only.
 
