@@ -121,6 +121,28 @@ def test_resume_continues_from_the_saved_epoch(
     assert metrics["train_images"] == 6 * 16
 
 
+def test_last_checkpoint_holds_the_last_epoch_when_an_earlier_one_was_best(
+    prepared_root: Path, tmp_path: Path
+) -> None:
+    from leaflens.train.run import train
+
+    # lr 0: the weights never move, val_acc ties every epoch, so the best checkpoint stays at epoch 0.
+    cfg = compose(
+        *data_overrides(prepared_root),
+        *FAST_TRAIN,
+        "trainer.max_epochs=2",
+        "optim.optimizer.lr=0.0",
+        f"paths.output_dir={tmp_path / 'run'}",
+        task_name="train",
+    )
+    checkpoints = train(cfg) / "checkpoints"
+    best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0
+    assert last["epoch"] == 1 and last["global_step"] == 6
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 @pytest.mark.slow
 def test_wandb_logger_runs_offline_and_logs_the_best_model(
     prepared_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

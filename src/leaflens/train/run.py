@@ -253,7 +253,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         wall_s = time.perf_counter() - start
 
         callbacks_used = trainer.callbacks  # type: ignore[attr-defined]
-        checkpoint = next((c for c in callbacks_used if isinstance(c, ModelCheckpoint)), None)
+        # The checkpoint that selects the best epoch (a monitored one), not the one that keeps the last epoch.
+        checkpoint = next(
+            (c for c in callbacks_used if isinstance(c, ModelCheckpoint) and c.monitor),
+            next((c for c in callbacks_used if isinstance(c, ModelCheckpoint)), None),
+        )
         metrics = summarise(history, checkpoint, wall_s, trainer)
         _write_json(run_dir / "metrics.json", metrics)
         logger.info(
