@@ -113,3 +113,20 @@ def test_balanced_sampler_evens_out_classes(prepared_root: Path, data_config: di
 def test_missing_processed_dir_is_a_clear_error(tmp_path: Path, data_config: dict) -> None:
     with pytest.raises(FileNotFoundError, match="leaflens data prepare"):
         PlantVillageDataModule(tmp_path, data_config)
+
+
+def test_refit_on_val_trains_on_train_and_val_but_never_test(prepared_root: Path, data_config: dict) -> None:
+    processed = prepared_root / "processed"
+    manifest = load_manifest(processed)
+    dm = _dm(processed, data_config, train_splits=["train", "val"])
+    dm.setup("fit")
+    trained = set(dm.split_frame("train")["sha256"])
+    assert trained == set(manifest.loc[manifest["split"].isin(["train", "val"]), "sha256"])
+    assert len(dm.datasets["train"]) == int(manifest["split"].isin(["train", "val"]).sum())
+    assert trained.isdisjoint(manifest.loc[manifest["split"] == "test", "sha256"])
+    assert len(dm.datasets["val"]) == int((manifest["split"] == "val").sum())  # still validated on
+
+
+def test_training_on_test_is_refused(prepared_root: Path, data_config: dict) -> None:
+    with pytest.raises(ValueError, match="never test"):
+        _dm(prepared_root / "processed", data_config, train_splits=["train", "test"])

@@ -11,7 +11,7 @@ took ~40 % of their CPU time and moved 4x the bytes between processes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class PlantVillageDataModule(L.LightningDataModule):
         cache_dir: The resized ``.npy`` cache written by ``data prepare`` (``data.cache``), if any.
         memory_cache: Decode every image of the used splits once into RAM (uint8, shorter side shrunk to the
             eval resize), so epochs skip JPEG decoding. ~200 KB per 256-px image.
+        train_splits: Manifest splits the model trains on. ``("train", "val")`` refits on validation too, once
+            the recipe is fixed: val metrics are then no longer held out (test still is).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class PlantVillageDataModule(L.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         cache_dir: str | Path | None = None,
         memory_cache: bool = False,
+        train_splits: Sequence[str] = ("train",),
     ) -> None:
         super().__init__()
         self.processed_dir = Path(processed_dir)
@@ -69,6 +72,11 @@ class PlantVillageDataModule(L.LightningDataModule):
         self.augment = dict(augment) if augment is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_cache = bool(memory_cache)
+        self.train_splits = tuple(train_splits)
+        if not self.train_splits or "test" in self.train_splits:
+            raise ValueError(f"train_splits must name train and/or val, never test: {list(self.train_splits)}")
+        if "val" in self.train_splits:
+            logger.warning("Training on {}: val metrics are not held out, test is", "+".join(self.train_splits))
         # Read now, not in setup(): the model needs the class count before the trainer starts.
         self.classes: list[dict[str, Any]] = load_classes(self.processed_dir)
         self.manifest: pd.DataFrame | None = None
@@ -96,10 +104,11 @@ class PlantVillageDataModule(L.LightningDataModule):
                 self.datasets[split] = self._dataset(split)
 
     def split_frame(self, split: str) -> pd.DataFrame:
-        """The manifest rows of one split (after ``setup``)."""
+        """The manifest rows of one split; ``train`` means every split in ``train_splits``."""
         if self.manifest is None:
             self.manifest = load_manifest(self.processed_dir)
-        return self.manifest[self.manifest["split"] == split].reset_index(drop=True)
+        names = self.train_splits if split == "train" else (split,)
+        return self.manifest[self.manifest["split"].isin(names)].reset_index(drop=True)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A loader's uint8 ``(B, H, W, 3)`` batch as the network's normalised float input."""

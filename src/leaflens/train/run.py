@@ -220,6 +220,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
             data_config,
             **cfg.data.loader,
             augment=cfg.data.augment,
+            train_splits=cfg.data.train_splits,
             cache_dir=processed_dir / "cache" if cfg.data.cache.enabled else None,
         )
         module = ClassifierModule(
