@@ -5,7 +5,8 @@
 Each row is one real ``leaflens.train.run.train`` call with ``experiment=peft_<strategy>`` (offline
 MobileNetV3-Small, the same recipe except the strategy) plus the recommended ``experiment=plantvillage_mini``.
 Validation picks the best epoch; the *test* split (leaf-disjoint from train and val) is then scored once with
-the reloaded best checkpoint, so the test column is not tuned on.
+the reloaded best checkpoint, so the test column is not tuned on. The strategy rows train on train only; the
+recipe refits on train + val (``data.train_splits``), so its val columns are not held out and are bracketed.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def score_test(run_dir: Path, processed: Path) -> dict[str, float]:
     }
 
 
+def _val_cell(row: dict, key: str) -> str:
+    """A validation score, in brackets when the row trained on the validation split."""
+    value = f"{100 * row[key]:.2f}"
+    return f"[{value}]" if "val" in row.get("train_splits", ["train"]) else value
+
+
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     """The markdown table of every finished row."""
     columns = [
@@ -58,10 +65,11 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         ("strategy", lambda r: r["strategy"]),
         ("trainable", lambda r: f"{r['trainable']:,}"),
         ("trainable %", lambda r: f"{r['percent']:.2f}"),
+        ("trains on", lambda r: "+".join(r.get("train_splits", ["train"]))),
         ("epochs", lambda r: str(r["epochs"])),
         ("lr", lambda r: f"{r['lr']:g}" if "lr" in r else "?"),
-        ("val top-1", lambda r: f"{100 * r['val_acc']:.2f}"),
-        ("val macro-F1", lambda r: f"{100 * r['val_f1']:.2f}"),
+        ("val top-1", lambda r: _val_cell(r, "val_acc")),
+        ("val macro-F1", lambda r: _val_cell(r, "val_f1")),
         ("test top-1", lambda r: f"{100 * r['test_acc']:.2f}"),
         ("test macro-F1", lambda r: f"{100 * r['test_f1']:.2f}"),
         ("wall time (s)", lambda r: f"{r['wall_s']:.0f}"),
@@ -76,17 +84,23 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     command = ["python scripts/peft_comparison.py --processed <prepared plantvillage-mini>"]
     if args.epochs:
         command.append(f"--epochs {args.epochs}")
+    epochs_note = (
+        f" `--epochs {args.epochs}` sets the strategy rows' length; the recipe row keeps its own."
+        if args.epochs
+        else ""
+    )
     test_images = rows[0]["test_images"] if rows else "?"
     report = "\n".join(
         [
             "# PEFT comparison on plantvillage-mini",
             "",
-            f"Produced by `{' '.join(command + args.overrides)}`.",
+            f"Produced by `{' '.join(command + args.overrides)}`.{epochs_note}",
             "",
             "Data: `../shared/data/plantvillage-mini` (3,202 real images, 34 classes) prepared by "
             "`leaflens data prepare`: exact and near-duplicate images and photo series of one leaf are "
-            "grouped and groups split 70/15/15, so val and test leaves never appear in training "
-            f"(test = {test_images} images).",
+            "grouped and groups split 70/15/15, so test leaves never appear in training "
+            f"(test = {test_images} images). The strategy rows train on train only, so their val is held out too; "
+            "the recipe refits on train + val (`data.train_splits`), so its val columns [in brackets] are not.",
             "Model: offline MobileNetV3-Small (`tf_mobilenetv3_small_100`, folded BN kept in eval mode), "
             "38-way classifier, 224 px. Every row uses the same recipe as `experiment=plantvillage_mini` "
             "(AdamW + warm-up/cosine, label smoothing 0.1, EMA of the weights, same augmentation) except the "
@@ -109,15 +123,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processed", type=Path, required=True, help="prepared data.processed_dir")
     parser.add_argument("--out", type=Path, default=Path("outputs/peft_comparison"), help="run directories")
-    parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs for every row")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="trainer.max_epochs of the strategy rows (the recipe keeps its own)",
+    )
     parser.add_argument("--experiments", nargs="+", default=EXPERIMENTS)
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "peft_comparison.md")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
     args = parser.parse_args()
+    if misplaced := [name for name in args.experiments if "=" in name]:
+        parser.error(f"config overrides go before --experiments (they were read as experiments): {misplaced}")
 
     extra = [*args.overrides, f"data.processed_dir={args.processed}", "trainer.enable_progress_bar=false"]
-    if args.epochs is not None:
-        extra.append(f"trainer.max_epochs={args.epochs}")
     rows = []
     for name in args.experiments:
         run_dir = args.out / name
@@ -125,7 +144,11 @@ def main() -> None:
         if summary.is_file():  # resumable: a finished row is not trained again
             rows.append(json.loads(summary.read_text()))
             continue
-        cfg = load_config([f"experiment={name}", *extra, f"paths.output_dir={run_dir}"], task_name="train")
+        # The recipe is reported as it ships; --epochs shortens the strategy rows only.
+        epochs = [f"trainer.max_epochs={args.epochs}"] if args.epochs and name != "plantvillage_mini" else []
+        cfg = load_config(
+            [f"experiment={name}", *extra, *epochs, f"paths.output_dir={run_dir}"], task_name="train"
+        )
         load_before = os.getloadavg()[0]
         start = time.perf_counter()
         train(cfg)
@@ -136,6 +159,7 @@ def main() -> None:
             "experiment": name,
             "strategy": trainable["strategy"],
             "epochs": cfg.trainer.max_epochs,
+            "train_splits": list(cfg.data.train_splits),
             "trainable": trainable["trainable"],
             "percent": trainable["percent"],
             "val_acc": metrics["val_acc"],

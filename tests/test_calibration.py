@@ -36,7 +36,7 @@ def test_underconfident_logits_get_a_temperature_below_one() -> None:
 def test_calibrate_reduces_ece_and_respects_the_false_abstain_budget() -> None:
     logits, labels = _overconfident(seed=1)
     result = calibrate(logits, labels, num_classes=6, max_false_abstain_rate=0.05)
-    val = result["validation"]
+    val = result["fit"]
     assert val["ece_after"] < val["ece_before"]
     assert val["nll_after"] < val["nll_before"]
     assert 0.0 < val["false_abstain_rate"] <= 0.05

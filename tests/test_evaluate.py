@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import SAMPLE_DIR, compose, data_overrides
+from leaflens.data.prepare import load_manifest
 from leaflens.evaluate.metrics import classification_metrics, expected_calibration_error, top_k_accuracy
 
 NAMES = ["a", "b", "c"]
@@ -77,13 +79,17 @@ def test_folder_evaluation_reports_unknown_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("train_splits", [["train", "val"], ["train"]])
 def test_evaluate_writes_report_figures_and_calibration(
-    tmp_path: Path, prepared_root: Path, trained_run: Path
+    tmp_path: Path, prepared_root: Path, trained_run: Path, train_splits: list[str]
 ) -> None:
     from leaflens.evaluate.run import evaluate
 
     run = tmp_path / "run"  # a copy: evaluate writes calibration.json into the run, others share trained_run
     shutil.copytree(trained_run, run)
+    run_cfg = OmegaConf.load(run / "config.yaml")
+    run_cfg.data.train_splits = train_splits  # what the run says it trained on decides the calibration set
+    OmegaConf.save(run_cfg, run / "config.yaml")
     out = tmp_path / "report"
     cfg = compose(
         *data_overrides(prepared_root), f"run={run}", f"paths.output_dir={out}",
@@ -109,8 +115,14 @@ def test_evaluate_writes_report_figures_and_calibration(
 
     calibration = json.loads((run / "calibration.json").read_text())
     assert calibration["temperature"] > 0
-    assert calibration["validation"]["nll_after"] <= calibration["validation"]["nll_before"] + 1e-9
-    assert calibration["validation"]["false_abstain_rate"] <= calibration["abstain"]["max_false_abstain_rate"]
+    assert calibration["fit"]["nll_after"] <= calibration["fit"]["nll_before"] + 1e-9
+    assert calibration["fit"]["false_abstain_rate"] <= calibration["abstain"]["max_false_abstain_rate"]
+    # Calibration is fitted on held-out images only: test when validation was trained on.
+    fit_split = "test" if "val" in train_splits else "val"
+    manifest = load_manifest(prepared_root / "processed")
+    assert calibration["fitted_on"] == fit_split
+    assert calibration["fit"]["images"] == int((manifest["split"] == fit_split).sum())
+    assert ("the ECE and abstain figures of that set are in-sample" in report) == (fit_split == "test")
     assert json.loads((run / "evaluation.json").read_text())["test"]["top1"] == pytest.approx(test["top1"])
 
 

@@ -74,9 +74,13 @@ class PlantVillageDataModule(L.LightningDataModule):
         self.memory_cache = bool(memory_cache)
         self.train_splits = tuple(train_splits)
         if not self.train_splits or "test" in self.train_splits:
-            raise ValueError(f"train_splits must name train and/or val, never test: {list(self.train_splits)}")
+            raise ValueError(
+                f"train_splits must name train and/or val, never test: {list(self.train_splits)}"
+            )
         if "val" in self.train_splits:
-            logger.warning("Training on {}: val metrics are not held out, test is", "+".join(self.train_splits))
+            logger.warning(
+                "Training on {}: val metrics are not held out, test is", "+".join(self.train_splits)
+            )
         # Read now, not in setup(): the model needs the class count before the trainer starts.
         self.classes: list[dict[str, Any]] = load_classes(self.processed_dir)
         self.manifest: pd.DataFrame | None = None

@@ -8,6 +8,7 @@ says "not sure" when the calibrated max probability is below a threshold picked 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -65,10 +66,22 @@ def abstain_summary(confidence: np.ndarray, correct: np.ndarray, threshold: floa
     }
 
 
+def calibration_split(trained_on: Sequence[str]) -> str:
+    """The held-out split to fit calibration on: validation, or test when the run also trained on validation.
+
+    Fitted on trained-on images the abstain rule is far too strict on new ones (the recipe's train + val refit:
+    threshold 0.88 withheld 7.7 % of the correct test answers, against 0.4 % when fitted on held-out images).
+    """
+    return "test" if "val" in trained_on else "val"
+
+
 def calibrate(
     logits: np.ndarray, labels: np.ndarray, num_classes: int, max_false_abstain_rate: float, n_bins: int = 15
 ) -> dict[str, Any]:
-    """Fit the temperature and abstain threshold on validation; the ``calibration.json`` content."""
+    """Fit the temperature and abstain threshold on held-out images; the ``calibration.json`` content.
+
+    ``fit`` holds the scores on the images it was fitted on (the caller records which split in ``fitted_on``).
+    """
     logits, labels = np.asarray(logits), np.asarray(labels, dtype=np.int64)
     temperature = fit_temperature(logits, labels)
     before, after = softmax(logits, 1.0), softmax(logits, temperature)
@@ -82,7 +95,7 @@ def calibrate(
             "threshold": threshold,
             "max_false_abstain_rate": float(max_false_abstain_rate),
         },
-        "validation": {
+        "fit": {
             "images": len(labels),
             "nll_before": nll(logits, labels, 1.0),
             "nll_after": nll(logits, labels, temperature),

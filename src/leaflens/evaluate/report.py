@@ -21,6 +21,10 @@ CAPTIONS = {
 }
 
 
+# How a split is named in prose.
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -30,7 +34,10 @@ def write_report(
 ) -> Path:
     """Write ``out/report.md`` (links are relative, so the folder can be moved or published as is)."""
     test, val, cal = result["test"], result["validation"], result["calibration"]
-    cal_val, abstain = cal["validation"], test["abstain"]
+    cal_fit, abstain = cal["fit"], test["abstain"]
+    fit_name = SPLIT_NAMES.get(cal.get("fitted_on", "val"), "validation")
+    val_trained = "val" in cal.get("trained_on", ["train"])
+    val_name = "validation (trained on)" if val_trained else "validation"
     model = run_cfg.get("model", {}).get("name") if run_cfg is not None else None
     strategy = run_cfg.get("peft", {}).get("strategy") if run_cfg is not None else None
     lines = [
@@ -53,26 +60,36 @@ def write_report(
         "## Summary",
         "| set | images | top-1 | top-5 | macro-F1 | ECE |",
         "|---|---|---|---|---|---|",
-        f"| validation | {val['images']} | {_pct(val['top1'])} | {_pct(val['top5'])} | "
+        f"| {val_name} | {val['images']} | {_pct(val['top1'])} | {_pct(val['top5'])} | "
         f"{val['macro_f1']:.3f} | {val['ece']:.3f} |",
         f"| {result['evaluated_on']} | {test['images']} | {_pct(test['top1'])} | {_pct(test['top5'])} | "
         f"{test['macro_f1']:.3f} | {test['ece']:.3f} |",
         "",
         '## Calibration and "not sure"',
-        f"- Temperature T = {cal['temperature']:.3f}, fitted on {cal_val['images']} validation images "
-        f"(NLL {cal_val['nll_before']:.3f} -> {cal_val['nll_after']:.3f}).",
-        f"- ECE on validation {cal_val['ece_before']:.3f} -> {cal_val['ece_after']:.3f}; on the "
+        f"- Temperature T = {cal['temperature']:.3f}, fitted on {cal_fit['images']} {fit_name} images "
+        f"(NLL {cal_fit['nll_before']:.3f} -> {cal_fit['nll_after']:.3f}).",
+        f"- ECE on {fit_name} {cal_fit['ece_before']:.3f} -> {cal_fit['ece_after']:.3f}; on the "
         "evaluated set "
         f"{test['ece_uncalibrated']:.3f} -> {test['ece']:.3f}.",
         f'- Abstain rule: "not sure" when the calibrated top probability < {cal["abstain"]["threshold"]:.3f} '
-        "(chosen on validation for a false-abstain rate <= "
+        f"(chosen on {fit_name} for a false-abstain rate <= "
         f"{_pct(cal['abstain']['max_false_abstain_rate'])}).",
+        *(
+            [
+                f"- The run also trained on validation (`data.train_splits`), so calibration was fitted on "
+                f"{fit_name}: the ECE and abstain figures of that set are in-sample; its top-1, top-5 and "
+                "macro-F1 are not (temperature never changes the predicted class)."
+            ]
+            if val_trained
+            else []
+        ),
         "",
         "| data | abstain rate | false-abstain rate (correct answers withheld) | wrong answers caught | "
         "accuracy when answering |",
         "|---|---|---|---|---|",
-        f"| validation leaves | {_pct(cal_val['abstain_rate'])} | {_pct(cal_val['false_abstain_rate'])} | "
-        f"{_pct(cal_val['wrong_caught_rate'])} | {_pct(cal_val['answered_accuracy'])} |",
+        f"| {fit_name} leaves (calibration set) | {_pct(cal_fit['abstain_rate'])} | "
+        f"{_pct(cal_fit['false_abstain_rate'])} | "
+        f"{_pct(cal_fit['wrong_caught_rate'])} | {_pct(cal_fit['answered_accuracy'])} |",
         f"| {result['evaluated_on']} | {_pct(abstain['abstain_rate'])} | "
         f"{_pct(abstain['false_abstain_rate'])} | "
         f"{_pct(abstain['wrong_caught_rate'])} | {_pct(abstain['answered_accuracy'])} |",

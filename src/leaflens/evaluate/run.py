@@ -18,7 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from leaflens.evaluate import figures
-from leaflens.evaluate.calibration import abstain_summary, calibrate
+from leaflens.evaluate.calibration import abstain_summary, calibrate, calibration_split
 from leaflens.evaluate.metrics import classification_metrics, expected_calibration_error, reliability_bins
 from leaflens.evaluate.ood import blurred, non_leaf_images
 from leaflens.evaluate.report import write_report
@@ -137,14 +137,26 @@ def evaluate(cfg: DictConfig) -> Path:
         run_package(run_dir, loaded, DEFAULT_CALIBRATION), TorchRunner(loaded.model, batch)
     )
 
-    # 1. Calibration and abstain rule on validation.
-    val = manifest[manifest["split"] == "val"].reset_index(drop=True)
-    val_scores = score_paths(engine, list(val["path"]), batch, desc="validation")
-    val_labels = val["label_id"].to_numpy()[val_scores.index]
+    # 1. Calibration and abstain rule on held-out images (validation, or test after a train + val refit).
+    trained_on = list(loaded.cfg.data.get("train_splits", ["train"]))
+    fit_split = calibration_split(trained_on)
+    fit = manifest[manifest["split"] == fit_split].reset_index(drop=True)
+    fit_scores = score_paths(engine, list(fit["path"]), batch, desc=f"calibration ({fit_split})")
     calibration = calibrate(
-        val_scores.logits, val_labels, len(classes), float(ev.max_false_abstain_rate), bins
+        fit_scores.logits,
+        fit["label_id"].to_numpy()[fit_scores.index],
+        len(classes),
+        float(ev.max_false_abstain_rate),
+        bins,
     )
+    calibration["fitted_on"] = fit_split
+    calibration["trained_on"] = trained_on
     engine = engine.with_calibration(calibration)
+    val = manifest[manifest["split"] == "val"].reset_index(drop=True)
+    val_scores = (
+        fit_scores if fit_split == "val" else score_paths(engine, list(val["path"]), batch, "validation")
+    )
+    val_labels = val["label_id"].to_numpy()[val_scores.index]
     val_probs = engine.calibrated_probs(val_scores.logits)
     val_metrics = classification_metrics(val_probs, val_labels, names, bins)
     non_leaf = _abstain_on(engine, non_leaf_images())
@@ -154,11 +166,12 @@ def evaluate(cfg: DictConfig) -> Path:
     calibration["blurred_validation"] = {k: v for k, v in blur.items() if k != "per_image"}
     _json(run_dir / "calibration.json", calibration)
     logger.info(
-        "Calibration: T={:.3f}, ECE {:.3f} -> {:.3f}; abstain threshold {:.3f}; abstains on {:.0%} of "
+        "Calibration on {}: T={:.3f}, ECE {:.3f} -> {:.3f}; abstain threshold {:.3f}; abstains on {:.0%} of "
         "non-leaf images",
+        fit_split,
         calibration["temperature"],
-        calibration["validation"]["ece_before"],
-        calibration["validation"]["ece_after"],
+        calibration["fit"]["ece_before"],
+        calibration["fit"]["ece_after"],
         calibration["abstain"]["threshold"],
         non_leaf["abstain_rate"],
     )

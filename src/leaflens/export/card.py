@@ -30,7 +30,9 @@ def model_card(
     test = metrics.get("test") or {}
     val = metrics.get("validation") or {}
     abstain = calibration.get("abstain", {})
-    calib_val = calibration.get("validation", {})
+    calib_fit = calibration.get("fit", {})
+    fit_name = {"val": "validation", "test": "test"}.get(calibration.get("fitted_on", "val"), "validation")
+    val_trained = "val" in calibration.get("trained_on", ["train"])
     lines = [
         f"# Model card: leaflens {info.get('arch')} ({info.get('strategy')})",
         "",
@@ -64,7 +66,7 @@ def model_card(
         "| set | images | top-1 | top-5 | macro-F1 | ECE |",
         "|---|---|---|---|---|---|",
     ]
-    for name, block in (("validation", val), ("test", test)):
+    for name, block in (("validation (trained on)" if val_trained else "validation", val), ("test", test)):
         if block:
             lines.append(
                 f"| {name} | {block.get('images', 'n/a')} | {_pct(block.get('top1'))} | "
@@ -76,13 +78,21 @@ def model_card(
     lines += [
         "",
         '## Calibration and "not sure"',
-        f"- Temperature scaling fitted on validation: T = {_num(calibration.get('temperature'))}; ECE "
-        f"{_num(calib_val.get('ece_before'))} -> {_num(calib_val.get('ece_after'))}, NLL "
-        f"{_num(calib_val.get('nll_before'))} -> {_num(calib_val.get('nll_after'))}.",
+        f"- Temperature scaling fitted on {fit_name}: T = {_num(calibration.get('temperature'))}; ECE "
+        f"{_num(calib_fit.get('ece_before'))} -> {_num(calib_fit.get('ece_after'))}, NLL "
+        f"{_num(calib_fit.get('nll_before'))} -> {_num(calib_fit.get('nll_after'))}.",
         f'- Abstains ("not sure") when the calibrated top probability is below '
         f"{_num(abstain.get('threshold'))}, chosen so at most "
         f"{_pct(abstain.get('max_false_abstain_rate'))} of "
-        f"correct validation answers abstain (measured: {_pct(calib_val.get('false_abstain_rate'))}).",
+        f"correct {fit_name} answers abstain (measured: {_pct(calib_fit.get('false_abstain_rate'))}).",
+        *(
+            [
+                "- The model also trained on the validation split (a final refit), so calibration was fitted on "
+                "test: test accuracy is held out, test calibration and abstain figures are in-sample."
+            ]
+            if val_trained
+            else []
+        ),
     ]
     ood = calibration.get("non_leaf") or metrics.get("non_leaf")
     if ood:

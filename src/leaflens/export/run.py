@@ -148,7 +148,7 @@ def export(cfg: DictConfig) -> Path:
         if calibration is None:
             # Export without a prior `leaflens evaluate`: fit the same calibration here so the package is
             # usable.
-            from leaflens.evaluate.calibration import calibrate
+            from leaflens.evaluate.calibration import calibrate, calibration_split
             from leaflens.evaluate.scoring import score_paths
 
             logger.warning(
@@ -158,16 +158,19 @@ def export(cfg: DictConfig) -> Path:
                 run_package(run_dir, loaded, DEFAULT_CALIBRATION),
                 OnnxRunner(make_session(out / "model.onnx")),
             )
-            all_val = split_paths(manifest, "val")
-            scores = score_paths(engine, list(all_val["path"]), desc="calibration")
+            trained_on = list(loaded.cfg.data.get("train_splits", ["train"]))
+            fit = split_paths(manifest, calibration_split(trained_on))
+            scores = score_paths(engine, list(fit["path"]), desc="calibration")
             calibration = calibrate(
                 scores.logits,
-                all_val["label_id"].to_numpy()[scores.index],
+                fit["label_id"].to_numpy()[scores.index],
                 len(loaded.classes),
                 float(cfg.evaluate.max_false_abstain_rate),
                 int(cfg.evaluate.calibration_bins),
             )
-            calibration["fitted_by"] = "export"
+            calibration.update(
+                fitted_by="export", fitted_on=calibration_split(trained_on), trained_on=trained_on
+            )
         _json(out / "calibration.json", calibration)
         _json(out / "labels.json", list(loaded.classes))
         _json(out / "preprocess.json", spec)
