@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from leaflens.logs import logger
 from leaflens.model.factory import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,16 @@ def test_missing_weights_file_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_random_init_only_when_asked(bundled_state: dict[str, torch.Tensor]) -> None:
-    model = create_model(ARCH, num_classes=38, pretrained=False)
+    warnings: list[str] = []
+    sink = logger.add(warnings.append, level="WARNING", format="{message}")
+    try:
+        model = create_model(ARCH, num_classes=38, pretrained=False)
+        assert any("RANDOM initialisation" in w for w in warnings)  # loud when training would start from it
+        warnings.clear()
+        create_model(ARCH, num_classes=38, pretrained=False, checkpoint_follows=True)
+        assert warnings == []  # rebuilding a run for its checkpoint is not a random init
+    finally:
+        logger.remove(sink)
     assert not torch.equal(model.state_dict()["conv_stem.weight"], bundled_state["conv_stem.weight"].float())
 
 

@@ -79,6 +79,7 @@ def create_model(
     num_classes: int,
     pretrained: bool = True,
     pretrained_file: str | Path | None = None,
+    checkpoint_follows: bool = False,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Create the timm model ``name`` with a fresh ``num_classes``-way classifier.
@@ -89,6 +90,8 @@ def create_model(
         pretrained: Load ImageNet weights. ``False`` means random init (explicitly asked for).
         pretrained_file: A local safetensors file or torch state dict for ``name``. Loaded through timm, so a
             classifier of another size is dropped and every other key must match. Implies ``pretrained``.
+        checkpoint_follows: The caller loads trained weights into the model right away (rebuilding a run), so
+            a random initialisation is not worth a warning.
         **timm_kwargs: Passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ``exportable``...).
             ``pretrained_cfg_overlay`` (e.g. ``{"input_size": [3, 256, 256], "crop_pct": 1.0}``) changes the
             preprocessing the model owns, which every stage resolves from it.
@@ -115,9 +118,14 @@ def create_model(
             name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **timm_kwargs
         )
     if not pretrained:
-        logger.warning(
-            "Model {}: {} classes, RANDOM initialisation (model.pretrained=false)", name, num_classes
-        )
+        if checkpoint_follows:
+            logger.debug(
+                "Model {}: {} classes, architecture only (weights come from a checkpoint)", name, num_classes
+            )
+        else:
+            logger.warning(
+                "Model {}: {} classes, RANDOM initialisation (model.pretrained=false)", name, num_classes
+            )
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
     logger.info("Model {}: {} classes, ImageNet weights from the Hugging Face hub", name, num_classes)
     check_hub_reachable(name)

@@ -91,7 +91,14 @@ def load_run(run_dir: str | Path, which: str = "best", **factory_overrides: Any)
     assert isinstance(cfg, DictConfig)
     classes = json.loads((run_dir / "classes.json").read_text())
     # Architecture only: the checkpoint holds every weight, so no hub or weights file is needed.
-    net = build_network(cfg, len(classes), pretrained=False, pretrained_file=None, **factory_overrides)
+    net = build_network(
+        cfg,
+        len(classes),
+        pretrained=False,
+        pretrained_file=None,
+        checkpoint_follows=True,
+        **factory_overrides,
+    )
     net.load_state_dict(network_state(checkpoint), strict=True)
     model = merge_adapters(net).eval()
     return LoadedRun(
