@@ -145,7 +145,12 @@ def test_search_space_errors_name_the_problem() -> None:
 
 
 def test_trial_config_reroots_paths_and_groups_wandb_runs(tmp_path: Path) -> None:
-    base = compose("logger=wandb", f"paths.output_dir={tmp_path / 'sweep-base'}", task_name="sweep")
+    base = compose(
+        "experiment=plantvillage_mini",  # the recipe refits on train + val and keeps its last epoch
+        "logger=wandb",
+        f"paths.output_dir={tmp_path / 'sweep-base'}",
+        task_name="sweep",
+    )
     space = {"strategy": {"key": "peft", "choices": ["head"]}}
     run_dir = tmp_path / "trials" / "0007"
     cfg = trial_config(base, space, {"strategy": "head"}, run_dir)
@@ -153,5 +158,7 @@ def test_trial_config_reroots_paths_and_groups_wandb_runs(tmp_path: Path) -> Non
     assert cfg.callbacks.checkpoint.dirpath == f"{run_dir}/checkpoints"  # resolved paths follow the trial
     assert cfg.logger.csv.save_dir == str(run_dir)
     assert cfg.callbacks.checkpoint.monitor == "val_f1" and cfg.callbacks.checkpoint.mode == "max"
+    assert list(cfg.data.train_splits) == ["train"]  # trials are compared on validation, so never train on it
+    assert list(base.data.train_splits) == ["train", "val"]
     assert cfg.logger.wandb.group == "leaflens-peft" and cfg.logger.wandb.name.endswith("0007")
     assert base.paths.output_dir == str(tmp_path / "sweep-base")  # the base config is left alone

@@ -124,6 +124,8 @@ def trial_config(
     with open_dict(cfg):
         _reroot(cfg, str(base.paths.output_dir), str(run_dir))
         cfg.paths.output_dir = str(run_dir)
+        # Trials are compared on validation, so they never train on it (a recipe may refit on train + val).
+        cfg.data.train_splits = ["train"]
         for name in ("checkpoint", "early_stopping"):
             if cfg.callbacks.get(name) is not None:
                 cfg.callbacks[name].monitor = search.monitor

@@ -153,15 +153,23 @@ def log_best_model(
 def summarise(
     history: TrainHistory, checkpoint: ModelCheckpoint | None, wall_s: float, trainer: L.Trainer
 ) -> dict:
-    """``metrics.json``: the best epoch's validation metrics plus run facts (what sweeps and reports read)."""
+    """``metrics.json``: the kept epoch's validation metrics plus run facts (what sweeps and reports read).
+
+    The kept epoch is the checkpoint's best by its monitor, or the last validated epoch when the checkpoint has
+    no monitor (a refit on train + val keeps the last epoch: validation was trained on and picks nothing).
+    """
+    keep_last = checkpoint is not None and not checkpoint.monitor
     monitor = checkpoint.monitor if checkpoint is not None and checkpoint.monitor else "val_acc"
     mode_max = checkpoint is None or checkpoint.mode == "max"
     scored = [e for e in history.epochs if monitor in e]
-    best = (max if mode_max else min)(scored, key=lambda e: e[monitor]) if scored else {}
+    if keep_last:
+        best = scored[-1] if scored else {}
+    else:
+        best = (max if mode_max else min)(scored, key=lambda e: e[monitor]) if scored else {}
     return {
         **{k: v for k, v in best.items() if k.startswith("val_")},
         "best_epoch": best.get("epoch"),
-        "monitor": monitor,
+        "monitor": None if keep_last else monitor,
         "epochs_trained": trainer.current_epoch,
         "global_step": trainer.global_step,
         "wall_time_s": round(wall_s, 2),
