@@ -138,7 +138,7 @@ def evaluate(cfg: DictConfig) -> Path:
     )
 
     # 1. Calibration and abstain rule on held-out images (validation, or test after a train + val refit).
-    trained_on = list(loaded.cfg.data.get("train_splits", ["train"]))
+    trained_on = loaded.train_splits
     fit_split = calibration_split(trained_on)
     fit = manifest[manifest["split"] == fit_split].reset_index(drop=True)
     fit_scores = score_paths(engine, list(fit["path"]), batch, desc=f"calibration ({fit_split})")

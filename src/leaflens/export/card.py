@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from leaflens.evaluate.report import SPLIT_NAMES
+
 
 def _pct(value: Any) -> str:
     return f"{100 * float(value):.1f} %" if isinstance(value, int | float) else "n/a"
@@ -31,7 +33,7 @@ def model_card(
     val = metrics.get("validation") or {}
     abstain = calibration.get("abstain", {})
     calib_fit = calibration.get("fit", {})
-    fit_name = {"val": "validation", "test": "test"}.get(calibration.get("fitted_on", "val"), "validation")
+    fit_name = SPLIT_NAMES.get(calibration.get("fitted_on", "val"), "validation")
     val_trained = "val" in calibration.get("trained_on", ["train"])
     lines = [
         f"# Model card: leaflens {info.get('arch')} ({info.get('strategy')})",

@@ -158,7 +158,7 @@ def export(cfg: DictConfig) -> Path:
                 run_package(run_dir, loaded, DEFAULT_CALIBRATION),
                 OnnxRunner(make_session(out / "model.onnx")),
             )
-            trained_on = list(loaded.cfg.data.get("train_splits", ["train"]))
+            trained_on = loaded.train_splits
             fit = split_paths(manifest, calibration_split(trained_on))
             scores = score_paths(engine, list(fit["path"]), desc="calibration")
             calibration = calibrate(

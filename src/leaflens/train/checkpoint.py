@@ -59,6 +59,11 @@ class LoadedRun:
     run_dir: Path
     checkpoint: Path
 
+    @property
+    def train_splits(self) -> list[str]:
+        """The splits the run trained on (``data.train_splits``; runs from before that setting: train)."""
+        return list(self.cfg.data.get("train_splits", ["train"]))
+
 
 def network_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The network's weights in a Lightning checkpoint (``state_dict`` entries under ``net.``)."""

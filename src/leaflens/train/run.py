@@ -270,7 +270,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         metrics = summarise(history, checkpoint, wall_s, trainer)
         _write_json(run_dir / "metrics.json", metrics)
         logger.info(
-            "Best epoch {}: val_acc {:.4f}, val_f1 {:.4f}; {:.0f} s, {} img/s -> {}",
+            "{} epoch {}: val_acc {:.4f}, val_f1 {:.4f}; {:.0f} s, {} img/s -> {}",
+            "Best" if metrics["monitor"] else "Last",
             metrics["best_epoch"],
             metrics.get("val_acc", float("nan")),
             metrics.get("val_f1", float("nan")),
