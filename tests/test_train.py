@@ -122,28 +122,40 @@ def test_resume_continues_from_the_saved_epoch(
     assert metrics["train_images"] == 6 * 16
 
 
-def test_last_checkpoint_holds_the_last_epoch_when_an_earlier_one_was_best(
-    prepared_root: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("overrides", "kept_epoch"),
+    [
+        # A train-only run picks its best epoch on validation; ties keep the first.
+        (["data.train_splits=[train]", "callbacks.checkpoint.monitor=val_acc"], 0),
+        # The recipe as shipped refits on train + val, so validation picks nothing: it keeps the last epoch.
+        ([], 1),
+    ],
+)
+def test_last_checkpoint_is_the_last_epoch_and_best_follows_the_monitor(
+    prepared_root: Path, tmp_path: Path, overrides: list[str], kept_epoch: int
 ) -> None:
     from leaflens.train.run import train
 
-    # lr 0: the weights never move, val_acc ties every epoch, so the best checkpoint stays at epoch 0.
+    # lr 0: the weights never move, so val_acc ties every epoch and only the selection rule decides.
     cfg = compose(
         *data_overrides(prepared_root),
         *FAST_TRAIN,
         "trainer.max_epochs=2",
         "optim.optimizer.lr=0.0",
-        "data.train_splits=[train]",
-        "callbacks.checkpoint.monitor=val_acc",
+        *overrides,
         f"paths.output_dir={tmp_path / 'run'}",
         task_name="train",
     )
-    checkpoints = train(cfg) / "checkpoints"
+    run_dir = train(cfg)
+    checkpoints = run_dir / "checkpoints"
     best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
-    assert best["epoch"] == 0
+    assert best["epoch"] == kept_epoch
     assert last["epoch"] == 1 and last["global_step"] == 6
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == kept_epoch
+    assert metrics["monitor"] == ("val_acc" if overrides else None)
 
 
 @pytest.mark.slow
@@ -209,15 +221,3 @@ def test_ema_follows_its_warm_up_schedule() -> None:
             expected[key] = moved.trunc() if not tensor.is_floating_point() else moved
     for key, tensor in averaged.module.state_dict().items():
         assert torch.allclose(tensor.double(), expected[key], atol=1e-4), key
-
-
-def test_a_refit_on_train_and_val_keeps_its_last_epoch(trained_run: Path) -> None:
-    """The recipe trains on validation too, so validation picks nothing: best.ckpt and metrics.json are the
-    last epoch's (the shared fixture trains the shrunk recipe)."""
-    cfg = OmegaConf.load(trained_run / "config.yaml")
-    assert list(cfg.data.train_splits) == ["train", "val"] and cfg.callbacks.checkpoint.monitor is None
-    metrics = json.loads((trained_run / "metrics.json").read_text())
-    assert metrics["monitor"] is None
-    assert metrics["best_epoch"] == metrics["history"][-1]["epoch"] == metrics["epochs_trained"] - 1
-    best = torch.load(trained_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
-    assert best["epoch"] == metrics["best_epoch"]
