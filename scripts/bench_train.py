@@ -6,7 +6,7 @@ Runs the real training config (default ``experiment=plantvillage_mini``) through
 ``--warmup + --steps`` batches, recording every batch; then replays the recorded batches through the same
 LightningModule's training step + backward + optimizer step with no loader. Both are measured in this one
 process, so the ratio (end-to-end / model-only; target >= 0.9 on CPU) is meaningful even on a noisy, shared machine;
-``--rounds`` repeats the pair (single 60-batch rounds read 0.79-0.95 on one idle 2-core machine) and the
+``--rounds`` repeats the pair (single 60-batch rounds read 0.72-0.95 on one idle 2-core machine) and the
 median is reported. Prints the numbers and writes the ``## Training`` section of ``reports/benchmarks.md``.
 """
 
@@ -31,7 +31,7 @@ from omegaconf import DictConfig  # noqa: E402
 from timm.data import resolve_data_config  # noqa: E402
 
 from leaflens.config import load_config  # noqa: E402
-from leaflens.data.datamodule import PlantVillageDataModule  # noqa: E402
+from leaflens.data.datamodule import PlantVillageDataModule, datamodule_from_config  # noqa: E402
 from leaflens.data.taxonomy import load_classes  # noqa: E402
 from leaflens.train.checkpoint import create_backbone  # noqa: E402
 from leaflens.train.module import ClassifierModule  # noqa: E402
@@ -148,7 +148,7 @@ def main() -> None:
     net = create_backbone(cfg, num_classes)
     data_config = resolve_data_config({}, model=net)
     net = instantiate(cfg.peft)(net)
-    dm = PlantVillageDataModule(args.processed, data_config, **cfg.data.loader, augment=cfg.data.augment)
+    dm = datamodule_from_config(cfg.data, data_config)
     module = ClassifierModule(
         net,
         num_classes,

@@ -186,3 +186,25 @@ class PlantVillageDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def datamodule_from_config(
+    data_cfg: Mapping[str, Any], data_config: Mapping[str, Any], **loader_overrides: Any
+) -> PlantVillageDataModule:
+    """The DataModule a run trains with, from the ``data`` config section (training, benchmarks and profiling
+    share it, so none of them drifts from what ``leaflens train`` loads).
+
+    Args:
+        data_cfg: ``cfg.data``: processed_dir, loader settings, augmentation, train_splits, on-disk cache.
+        data_config: timm's resolved data config of the model.
+        **loader_overrides: Replace ``data.loader`` settings, e.g. ``num_workers=0``.
+    """
+    processed_dir = Path(data_cfg["processed_dir"])
+    return PlantVillageDataModule(
+        processed_dir,
+        data_config,
+        **{**dict(data_cfg["loader"]), **loader_overrides},
+        augment=data_cfg["augment"],
+        train_splits=data_cfg["train_splits"],
+        cache_dir=processed_dir / "cache" if data_cfg["cache"]["enabled"] else None,
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from leaflens.logs import logger
 
@@ -90,18 +90,10 @@ def profile_data(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """pyinstrument over the train DataLoader in the main process; returns throughput and the call tree."""
     from pyinstrument import Profiler
 
-    from leaflens.data.datamodule import PlantVillageDataModule
+    from leaflens.data.datamodule import datamodule_from_config
 
     data_config, _ = _data_config(cfg)
-    loader_cfg: dict[str, Any] = dict(OmegaConf.to_container(cfg.data.loader, resolve=True))  # type: ignore[arg-type]
-    loader_cfg["num_workers"] = 0
-    dm = PlantVillageDataModule(
-        cfg.data.processed_dir,
-        data_config,
-        **loader_cfg,
-        augment=cfg.data.augment,
-        cache_dir=Path(cfg.data.processed_dir) / "cache" if cfg.data.cache.enabled else None,
-    )
+    dm = datamodule_from_config(cfg.data, data_config, num_workers=0)
     dm.setup("fit")
     profiler = Profiler(interval=0.001)
     images, batches = 0, 0

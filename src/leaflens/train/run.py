@@ -193,7 +193,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         ``cfg.paths.output_dir``, holding config, classes, data hash, checkpoints, metrics and
         trainable table.
     """
-    from leaflens.data.datamodule import PlantVillageDataModule
+    from leaflens.data.datamodule import datamodule_from_config
     from leaflens.model.peft import trainable_table
 
     run_dir = Path(cfg.paths.output_dir)
@@ -223,14 +223,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
             trainable["percent"],
         )
 
-        dm = PlantVillageDataModule(
-            processed_dir,
-            data_config,
-            **cfg.data.loader,
-            augment=cfg.data.augment,
-            train_splits=cfg.data.train_splits,
-            cache_dir=processed_dir / "cache" if cfg.data.cache.enabled else None,
-        )
+        dm = datamodule_from_config(cfg.data, data_config)
         module = ClassifierModule(
             net,
             num_classes,
