@@ -221,3 +221,69 @@ def test_ema_follows_its_warm_up_schedule() -> None:
             expected[key] = moved.trunc() if not tensor.is_floating_point() else moved
     for key, tensor in averaged.module.state_dict().items():
         assert torch.allclose(tensor.double(), expected[key], atol=1e-4), key
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("batch_size", [6, 5])
+def test_mixup_trains_on_mixed_soft_targets_and_leaves_odd_batches_alone(batch_size: int) -> None:
+    """`optim.mixup` (timm's Mixup): an even batch is mixed with its reverse and the loss is the smoothed
+    cross-entropy against the mixed class probabilities; an odd batch (an epoch's last) trains unmixed."""
+    from functools import partial
+
+    from timm.data import Mixup
+
+    from leaflens.train.module import ClassifierModule
+
+    num_classes, smoothing = 4, 0.1
+    built: dict = {}
+
+    def recording_mixup(
+        **kwargs: object,
+    ):  # the factory Hydra builds from the config, recording what it mixes
+        built["kwargs"] = kwargs
+        mixer = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0, **kwargs)
+
+        def mix(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            built["inputs"] = (images.clone(), labels.clone())
+            built["outputs"] = mixer(images, labels)
+            return built["outputs"]
+
+        return mix
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, num_classes),
+    )
+    module = ClassifierModule(
+        net,
+        num_classes,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        label_smoothing=smoothing,
+        channels_last=False,
+        mixup=recording_mixup,
+    )
+    # The loss owns label smoothing; the mixer must not smooth a second time.
+    assert built["kwargs"] == {"num_classes": num_classes, "label_smoothing": 0.0}
+    images = torch.randn(batch_size, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1][:batch_size])
+    loss = module.training_step((images.clone(), labels), 0)
+
+    if batch_size % 2:
+        assert "outputs" not in built
+        expected = torch.nn.functional.cross_entropy(net(images), labels, label_smoothing=smoothing)
+    else:
+        mixed, targets = built["outputs"]
+        assert targets.shape == (batch_size, num_classes)
+        assert torch.allclose(targets.sum(1), torch.ones(batch_size))
+        # Each image is blended with its partner in the reversed batch, and so are the one-hot targets.
+        one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
+        lam = float(targets[0, labels[0]])  # labels[0] differs from its partner's, so this is lam
+        assert 0.0 < lam <= 1.0
+        assert torch.allclose(targets, lam * one_hot + (1 - lam) * one_hot.flip(0), atol=1e-6)
+        assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0), atol=1e-5)
+        expected = torch.nn.functional.cross_entropy(net(mixed), targets, label_smoothing=smoothing)
+    assert torch.isfinite(loss)
+    assert torch.allclose(loss, expected, atol=1e-6)

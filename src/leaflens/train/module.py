@@ -25,6 +25,9 @@ from leaflens.model.peft import set_train_mode
 
 OptimizerFactory = Callable[[Iterable[dict]], Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
+# Builds a batch mixer (e.g. ``timm.data.Mixup``) from ``num_classes`` and ``label_smoothing``; the mixer maps
+# ``(images, labels)`` to ``(mixed images, (B, num_classes) soft targets)``.
+MixupFactory = Callable[..., Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
 
 
 def _warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -100,6 +103,9 @@ class ClassifierModule(L.LightningModule):
         class_weights: Optional per-class loss weights (length ``num_classes``).
         freeze_bn_stats: Keep every BatchNorm in eval mode (folded-BN backbones); frozen BNs always are.
         channels_last: Train in channels-last memory format (faster convolutions on CPU and GPU).
+        mixup: Optional MixUp/CutMix factory (``timm.data.Mixup`` as a Hydra ``_partial_``), called with
+            ``num_classes`` and ``label_smoothing=0`` (the loss applies ``label_smoothing`` to the mixed targets).
+            Training batches of odd size (an epoch's last) stay unmixed: pairs are the batch and its reverse.
     """
 
     def __init__(
@@ -113,9 +119,10 @@ class ClassifierModule(L.LightningModule):
         class_weights: Sequence[float] | None = None,
         freeze_bn_stats: bool = False,
         channels_last: bool = True,
+        mixup: MixupFactory | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "mixup"])
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -127,6 +134,7 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"class_weights has {weights.numel()} entries, expected {num_classes}")
         self.register_buffer("class_weights", weights, persistent=False)
         self.label_smoothing = label_smoothing
+        self.mixup = mixup(num_classes=num_classes, label_smoothing=0.0) if mixup is not None else None
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -155,6 +163,7 @@ class ClassifierModule(L.LightningModule):
         return self.net(images)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class indices, or against ``(B, C)`` class probabilities (mixed targets)."""
         return F.cross_entropy(
             logits.float(),
             labels,
@@ -164,7 +173,10 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        loss = self._loss(self(images), labels)
+        targets = labels
+        if self.mixup is not None and labels.numel() % 2 == 0:
+            images, targets = self.mixup(images, labels)
+        loss = self._loss(self(images), targets)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.numel())
         return loss
 

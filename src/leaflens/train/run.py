@@ -234,6 +234,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
             class_weights=class_weights(cfg.optim.class_weights, dm),
             freeze_bn_stats=cfg.model.freeze_bn_stats,
             channels_last=cfg.optim.channels_last,
+            mixup=instantiate(cfg.optim.mixup) if cfg.optim.get("mixup") else None,
         )
         history = TrainHistory()
         all_callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [
