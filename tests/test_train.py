@@ -237,14 +237,12 @@ def test_mixup_trains_on_mixed_soft_targets_and_leaves_odd_batches_alone(batch_s
     num_classes, smoothing = 4, 0.1
     built: dict = {}
 
-    def recording_mixup(
-        **kwargs: object,
-    ):  # the factory Hydra builds from the config, recording what it mixes
+    # What Hydra builds from `optim.mixup` (timm's Mixup as a partial), recording how it is called and its output.
+    def recording_mixup(**kwargs: object):
         built["kwargs"] = kwargs
         mixer = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0, **kwargs)
 
         def mix(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            built["inputs"] = (images.clone(), labels.clone())
             built["outputs"] = mixer(images, labels)
             return built["outputs"]
 
