@@ -128,9 +128,6 @@ def measure_round(
         raise SystemExit(f"only {len(clock.batches)} training batches available; lower --steps")
     end_to_end = clock.images / (clock.end - clock.start)
     model = model_only(module, clock.batches, warmup)
-    print(
-        f"round: end-to-end {end_to_end:.1f} img/s, model-only {model:.1f} img/s, ratio {end_to_end / model:.2f}"
-    )
     return end_to_end, model, end_to_end / model
 
 
