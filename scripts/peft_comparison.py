@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score  #
 
 from leaflens.config import load_config  # noqa: E402
 from leaflens.data.datamodule import PlantVillageDataModule  # noqa: E402
+from leaflens.export.onnx import LogitsAndEmbedding  # noqa: E402
 from leaflens.train.checkpoint import load_run  # noqa: E402
 from leaflens.train.run import train  # noqa: E402
 
@@ -34,15 +35,16 @@ EXPERIMENTS = ["plantvillage_mini", "peft_lora", "peft_bitfit", "peft_head", "pe
 
 
 def score_test(run_dir: Path, processed: Path) -> dict[str, float]:
-    """Top-1 and macro-F1 of the run's best checkpoint on the test split."""
+    """Top-1 and macro-F1 of the run's best checkpoint on the test split (with its test-time flips, if any)."""
     run = load_run(run_dir)
+    model = LogitsAndEmbedding(run.model, run.test_time_flips).eval()
     dm = PlantVillageDataModule(processed, run.data_config, batch_size=64, num_workers=0)
     dm.setup("test")
     acc = MulticlassAccuracy(len(run.classes), average="micro")
     f1 = MulticlassF1Score(len(run.classes), average="macro")
     with torch.no_grad():
         for images, labels in dm.test_dataloader():
-            logits = run.model(dm.normalize(images))
+            logits, _ = model(dm.normalize(images))
             acc.update(logits, labels)
             f1.update(logits, labels)
     return {

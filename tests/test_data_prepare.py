@@ -20,7 +20,7 @@ from leaflens.data.dedup import near_duplicate_pairs, parse_series, series_runs
 from leaflens.data.download import download
 from leaflens.data.prepare import load_manifest, prepare, write_cache
 from leaflens.data.scan import scan_class_folders
-from leaflens.data.split import split_groups
+from leaflens.data.split import group_kfold, split_groups
 from leaflens.data.taxonomy import load_classes
 from leaflens.images import decode_image
 
@@ -235,6 +235,25 @@ def test_every_class_gets_its_stratified_share() -> None:
     assert (table.loc["c3"] > 0).all(), "a class of three groups still reaches every split"
     leaks = pd.DataFrame({"g": groups, "s": splits}).groupby("g")["s"].nunique()
     assert (leaks == 1).all()
+
+
+def test_group_kfold_scores_every_item_once_without_splitting_a_leaf() -> None:
+    rng = np.random.default_rng(1)
+    labels, groups = [], []
+    for c, n_groups in enumerate([40, 90, 60]):
+        for g in range(n_groups):
+            size = int(rng.choice([1, 1, 2, 4]))
+            labels += [f"c{c}"] * size
+            groups += [f"c{c}-g{g}"] * size
+    folds = group_kfold(labels, groups, folds=5, seed=0)
+    frame = pd.DataFrame({"label": labels, "group": groups, "fold": folds})
+    assert sorted(frame["fold"].unique()) == [0, 1, 2, 3, 4]
+    assert (frame.groupby("group")["fold"].nunique() == 1).all()
+    shares = pd.crosstab(frame["label"], frame["fold"], normalize="index")
+    assert ((shares - 0.2).abs() < 0.06).all().all()
+    assert group_kfold(labels, groups, folds=5, seed=0) == folds
+    with pytest.raises(ValueError, match="folds must be between 2"):
+        group_kfold(labels, groups, folds=1, seed=0)
 
 
 def test_prepared_sample_has_every_class_in_every_split(prepared_root: Path) -> None:

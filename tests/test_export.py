@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import SAMPLE_DIR
+from conftest import SAMPLE_DIR, compose, data_overrides
 from leaflens.images import decode_image
 from leaflens.preprocessing import preprocess_batch
 from leaflens.serving.engine import InferenceEngine
@@ -57,15 +57,76 @@ def test_onnx_matches_pytorch_on_the_bundled_sample(model_package: Path, trained
     batch = preprocess_batch(images, engine.spec)
     ort_logits, ort_emb = engine.infer(batch)
     assert ort_logits.shape == (len(images), len(engine.labels)) and np.isfinite(ort_logits).all()
+    flips = json.loads((model_package / "model.json").read_text())["test_time_flips"]
+    assert flips == load_run(trained_run).test_time_flips
     with torch.no_grad():
         for model in (load_run(trained_run).model, load_package_model(model_package)):
-            logits, emb = LogitsAndEmbedding(model.eval())(torch.from_numpy(batch))
+            logits, emb = LogitsAndEmbedding(model.eval(), flips)(torch.from_numpy(batch))
             assert np.abs(logits.numpy() - ort_logits).max() <= 1e-4
             assert np.abs(emb.numpy() - ort_emb).max() <= 1e-4
             assert (logits.numpy().argmax(1) == ort_logits.argmax(1)).all()
     # Dynamic batch: one image at a time gives the same numbers as the batch.
     single = np.concatenate([engine.infer(batch[i : i + 1])[0] for i in range(3)])
     np.testing.assert_allclose(single, ort_logits[:3], atol=1e-5)
+
+
+def test_test_time_flips_average_the_four_views_in_torch_and_onnx(tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    from leaflens.export.onnx import LogitsAndEmbedding, check_parity, export_onnx, four_flips
+    from leaflens.serving.engine import make_session
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "tf_mobilenetv3_small_100", pretrained=False, num_classes=5, exportable=True
+    ).eval()
+    image = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        logits, embedding = LogitsAndEmbedding(model, flips=True)(image)
+        views = model(four_flips(image)).reshape(4, 3, 5)
+        assert not torch.allclose(views[0], views[1], atol=1e-3)  # the flips are different inputs
+        torch.testing.assert_close(logits, views.mean(dim=0), atol=1e-5, rtol=1e-5)
+        assert embedding.shape == (3, model.get_classifier().in_features)
+        # The four views of a flipped photo are the same four views: its answer cannot change.
+        flipped, _ = LogitsAndEmbedding(model, flips=True)(image.flip(3))
+        torch.testing.assert_close(flipped, logits, atol=1e-5, rtol=1e-5)
+
+    path = export_onnx(model, tmp_path / "model.onnx", (3, 96, 96), flips=True)
+    batch = image.numpy()
+    report = check_parity(model, path, batch, atol=1e-4, flips=True)
+    assert report["passed"]
+    single = make_session(path).run(["logits"], {"image": batch[:1]})[0]
+    np.testing.assert_allclose(single, logits.numpy()[:1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_run_with_test_time_flips_exports_them(
+    tmp_path: Path, prepared_root: Path, trained_run: Path
+) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from leaflens.export.onnx import four_flips
+    from leaflens.export.run import export
+    from leaflens.train.checkpoint import load_run
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.model.test_time_flips = True
+    OmegaConf.save(cfg, run / "config.yaml")
+    package = export(
+        compose(*data_overrides(prepared_root), f"run={run}", "export.reference_images=8",
+                f"paths.output_dir={tmp_path / 'package'}", task_name="export")
+    )  # fmt: skip
+    assert json.loads((package / "model.json").read_text())["test_time_flips"] is True
+    engine = InferenceEngine.from_package(package)
+    batch = preprocess_batch(_sample_images(4), engine.spec)
+    logits, _ = engine.infer(batch)
+    model = load_run(run).model
+    with torch.no_grad():
+        views = model(four_flips(torch.from_numpy(batch))).reshape(4, len(batch), -1)
+    np.testing.assert_allclose(logits, views.mean(dim=0).numpy(), atol=1e-4)
 
 
 def test_gradcam_overlay_from_the_package(model_package: Path) -> None:

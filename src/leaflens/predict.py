@@ -63,7 +63,8 @@ def engine_from_config(cfg: DictConfig) -> InferenceEngine:
 
         run_dir = Path(cfg.run).expanduser().resolve()
         loaded = load_run(run_dir)
-        return InferenceEngine(run_package(run_dir, loaded), TorchRunner(loaded.model), top_k=top_k)
+        runner = TorchRunner(loaded.model, flips=loaded.test_time_flips)
+        return InferenceEngine(run_package(run_dir, loaded), runner, top_k=top_k)
     raise ValueError("predict needs a model: package=<package dir> (from `leaflens export`) or run=<run dir>")
 
 

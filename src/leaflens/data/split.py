@@ -4,6 +4,7 @@ Every leaf group goes to exactly one split, so no copy or re-shoot of a leaf is 
 each class, groups are shuffled with the seed and handed out largest first to the split furthest below its
 target count (the class's image count times the split fractions), so every class keeps its share as closely
 as whole groups allow. A class with at least three groups always gets at least one group in each split.
+``group_kfold`` cuts the same kind of folds for cross-validation.
 """
 
 from __future__ import annotations
@@ -85,3 +86,32 @@ def _ensure_every_split(
             continue
         donor = max(wanted, key=lambda s: len(members[s]))
         assignment[min(members[donor], key=lambda g: (sizes[g], g))] = split
+
+
+def group_kfold(labels: Sequence[str], groups: Sequence[str], folds: int, seed: int) -> list[int]:
+    """The held-out fold (``0 .. folds-1``) of each item, for cross-validation.
+
+    Every leaf group lies in one fold and each fold keeps about the class proportions of the whole
+    (scikit-learn's ``StratifiedGroupKFold``), so a model trained on the other folds never saw the leaves it
+    is scored on.
+
+    Args:
+        labels: Class of each item.
+        groups: Leaf group of each item.
+        folds: Number of folds (at least 2).
+        seed: Same seed, same folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold  # only cross-validation needs it
+
+    if len(labels) != len(groups):
+        raise ValueError("labels and groups must have the same length")
+    if folds < 2 or folds > len(set(groups)):
+        raise ValueError(
+            f"folds must be between 2 and the number of groups ({len(set(groups))}), got {folds}"
+        )
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    assignment = [-1] * len(labels)
+    for fold, (_, held_out) in enumerate(splitter.split(labels, labels, groups)):
+        for item in held_out:
+            assignment[item] = fold
+    return assignment

@@ -134,7 +134,8 @@ def evaluate(cfg: DictConfig) -> Path:
     names = [c["display_name"] for c in classes]
     manifest = load_manifest(run_processed_dir(run_dir, cfg))
     engine = InferenceEngine(
-        run_package(run_dir, loaded, DEFAULT_CALIBRATION), TorchRunner(loaded.model, batch)
+        run_package(run_dir, loaded, DEFAULT_CALIBRATION),
+        TorchRunner(loaded.model, batch, loaded.test_time_flips),
     )
 
     # 1. Calibration and abstain rule on held-out images (validation, or test after a train + val refit).

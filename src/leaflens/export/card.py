@@ -56,6 +56,10 @@ def model_card(
         f"validation images: max |logit diff| {_num(parity.get('max_abs_logit_diff'), '.1e')}, top-1 "
         "agreement "
         f"{_pct(parity.get('top1_agreement'))}.",
+        "- Test-time flips: the graph averages the logits of the four flips of each photo (4x the compute of "
+        "one view)."
+        if info.get("test_time_flips")
+        else "- Test-time flips: off (one view per photo).",
         "",
         "## Data and split",
         f"- PlantVillage (lab photos of single detached leaves on a plain background), "

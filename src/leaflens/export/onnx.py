@@ -1,7 +1,8 @@
 """Export a timm classifier to ONNX with two outputs (``logits``, ``embedding``) and check it against PyTorch.
 
 The graph takes the preprocessed ``image`` batch (dynamic batch size) so the same ``preprocess.json`` drives
-every runtime. ``embedding`` is timm's pre-logits feature vector, kept for drift monitoring.
+every runtime. ``embedding`` is timm's pre-logits feature vector, kept for drift monitoring. With test-time
+flips the graph itself averages the four flips of each image, so every runtime and the API get them for free.
 """
 
 from __future__ import annotations
@@ -23,34 +24,60 @@ class ParityError(RuntimeError):
     """ONNX Runtime and PyTorch disagree beyond the allowed tolerance."""
 
 
-class LogitsAndEmbedding(nn.Module):
-    """Wrap a timm model so one forward gives ``(logits, pre-logits embedding)``."""
+def four_flips(image: torch.Tensor) -> torch.Tensor:
+    """The batch followed by its horizontal, vertical and double flips: ``(4 * B, C, H, W)``."""
+    return torch.cat([image, image.flip(3), image.flip(2), image.flip((2, 3))])
 
-    def __init__(self, model: nn.Module) -> None:
+
+class LogitsAndEmbedding(nn.Module):
+    """Wrap a timm model so one forward gives ``(logits, pre-logits embedding)``.
+
+    Args:
+        model: A timm classifier whose classifier is linear (checked by :func:`export_onnx`).
+        flips: Average the four flips of each image (``model.test_time_flips``). The embedding is then the mean
+            of the four views' embeddings; the classifier being linear, its logits are the mean of theirs.
+    """
+
+    def __init__(self, model: nn.Module, flips: bool = False) -> None:
         super().__init__()
         # Any: timm's forward_features / forward_head / get_classifier are not on nn.Module's type.
         self.model: Any = model
+        self.flips = flips
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(image)
-        embedding = self.model.forward_head(features, pre_logits=True)
+        views = four_flips(image) if self.flips else image
+        embedding = self.model.forward_head(self.model.forward_features(views), pre_logits=True)
+        if self.flips:
+            embedding = embedding.reshape(4, image.shape[0], -1).mean(dim=0)
         logits = self.model.get_classifier()(embedding)
         return logits, embedding
 
 
-def export_onnx(model: nn.Module, path: Path, input_size: Sequence[int], opset: int = 18) -> Path:
+def reference_logits(model: nn.Module, image: torch.Tensor, flips: bool = False) -> torch.Tensor:
+    """What the wrapper's logits must equal: ``model(x)``, or its mean over the four flips."""
+    if not flips:
+        return model(image)
+    return model(four_flips(image)).reshape(4, image.shape[0], -1).mean(dim=0)
+
+
+def export_onnx(
+    model: nn.Module, path: Path, input_size: Sequence[int], opset: int = 18, flips: bool = False
+) -> Path:
     """Write ``model`` (eval mode, LoRA already merged) to a single-file ONNX model at ``path``.
+
+    Args:
+        flips: Bake test-time flips into the graph (:class:`LogitsAndEmbedding`).
 
     Raises:
         ValueError: if the wrapped logits differ from ``model(x)`` (a timm head this wrapper does not cover).
     """
     if opset < 17:
         raise ValueError(f"export.opset must be >= 17 (got {opset})")
-    wrapper = LogitsAndEmbedding(model).eval()
+    wrapper = LogitsAndEmbedding(model, flips).eval()
     example = torch.randn(2, *[int(v) for v in input_size])
     with torch.no_grad():
         logits, _ = wrapper(example)
-        reference = model(example)
+        reference = reference_logits(model, example, flips)
     if not torch.allclose(logits, reference, atol=1e-5, rtol=1e-5):
         raise ValueError(
             f"{type(model).__name__}: classifier(forward_head(pre_logits=True)) != model(x); "
@@ -77,9 +104,11 @@ def export_onnx(model: nn.Module, path: Path, input_size: Sequence[int], opset: 
     return path
 
 
-def torch_outputs(model: nn.Module, batch: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def torch_outputs(
+    model: nn.Module, batch: np.ndarray, batch_size: int = 64, flips: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """``(logits, embedding)`` from PyTorch for a preprocessed numpy batch."""
-    wrapper = LogitsAndEmbedding(model).eval()
+    wrapper = LogitsAndEmbedding(model, flips).eval()
     logits, embeddings = [], []
     with torch.no_grad():
         for start in range(0, len(batch), batch_size):
@@ -90,14 +119,22 @@ def torch_outputs(model: nn.Module, batch: np.ndarray, batch_size: int = 64) -> 
 
 
 def check_parity(
-    model: nn.Module, onnx_path: Path, batch: np.ndarray, atol: float, out_path: Path | None = None
+    model: nn.Module,
+    onnx_path: Path,
+    batch: np.ndarray,
+    atol: float,
+    out_path: Path | None = None,
+    flips: bool = False,
 ) -> dict[str, Any]:
     """Compare ONNX Runtime with PyTorch on ``batch``; write ``parity.json``; raise if they disagree.
+
+    Args:
+        flips: Whether the graph averages test-time flips (PyTorch then does the same).
 
     Raises:
         ParityError: if top-1 agreement is below 100 % or the max |logit difference| exceeds ``atol``.
     """
-    torch_logits, torch_emb = torch_outputs(model, batch)
+    torch_logits, torch_emb = torch_outputs(model, batch, flips=flips)
     session = make_session(onnx_path)
     ort_logits, ort_emb = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
     report = {
@@ -127,9 +164,12 @@ def check_parity(
 class TorchRunner:
     """``batch -> (logits, embedding)`` with PyTorch: the engine's backend when evaluating a training run."""
 
-    def __init__(self, model: nn.Module, batch_size: int = 64) -> None:
+    def __init__(self, model: nn.Module, batch_size: int = 64, flips: bool = False) -> None:
         self.model = model.eval()
         self.batch_size = batch_size
+        self.flips = flips
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return torch_outputs(self.model, np.ascontiguousarray(batch, dtype=np.float32), self.batch_size)
+        return torch_outputs(
+            self.model, np.ascontiguousarray(batch, dtype=np.float32), self.batch_size, self.flips
+        )

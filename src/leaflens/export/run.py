@@ -53,7 +53,12 @@ def split_paths(manifest: pd.DataFrame, split: str, limit: int | None = None, se
 
 
 def model_info(
-    model: Any, run_dir: Path, spec: dict[str, Any], trainable: dict[str, Any], opset: int | None
+    model: Any,
+    run_dir: Path,
+    spec: dict[str, Any],
+    trainable: dict[str, Any],
+    opset: int | None,
+    test_time_flips: bool = False,
 ) -> dict:
     """``model.json``: what to rebuild the torch model from (Grad-CAM) and where it came from."""
     return {
@@ -65,6 +70,8 @@ def model_info(
         "strategy": trainable.get("strategy"),
         "trainable_percent": trainable.get("percent"),
         "opset": opset,
+        # The graph averages the four flips of each image (4x the compute of one view).
+        "test_time_flips": test_time_flips,
         "version": leaflens.__version__,
         "run": run_dir.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -80,7 +87,7 @@ def run_package(run_dir: Path, loaded: Any, calibration: dict[str, Any] | None =
         labels=list(loaded.classes),
         preprocess=spec,
         calibration=calibration or _read_json(run_dir / "calibration.json", DEFAULT_CALIBRATION),
-        model_info=model_info(loaded.model, run_dir, spec, trainable, None),
+        model_info=model_info(loaded.model, run_dir, spec, trainable, None, loaded.test_time_flips),
     )
 
 
@@ -134,7 +141,8 @@ def export(cfg: DictConfig) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     try:
-        export_onnx(model, out / "model.onnx", spec["input_size"], int(cfg.export.opset))
+        flips = loaded.test_time_flips
+        export_onnx(model, out / "model.onnx", spec["input_size"], int(cfg.export.opset), flips)
         val = split_paths(manifest, "val", int(cfg.export.parity_images), cfg.seed)
         parity = check_parity(
             model,
@@ -142,6 +150,7 @@ def export(cfg: DictConfig) -> Path:
             _load_batch(list(val["path"]), spec),
             float(cfg.export.parity_atol),
             out / "parity.json",
+            flips,
         )
 
         calibration = _read_json(run_dir / "calibration.json")
@@ -174,7 +183,7 @@ def export(cfg: DictConfig) -> Path:
         _json(out / "calibration.json", calibration)
         _json(out / "labels.json", list(loaded.classes))
         _json(out / "preprocess.json", spec)
-        info = model_info(model, run_dir, spec, trainable, int(cfg.export.opset))
+        info = model_info(model, run_dir, spec, trainable, int(cfg.export.opset), flips)
         _json(out / "model.json", info)
         save_file(
             {k: v.detach().contiguous() for k, v in model.state_dict().items()},

@@ -21,7 +21,7 @@ from torch import nn
 from leaflens.model.peft import merge_adapters
 
 # model.* keys that configure training, not the factory.
-_NOT_FACTORY_KEYS = ("freeze_bn_stats",)
+_NOT_FACTORY_KEYS = ("freeze_bn_stats", "test_time_flips")
 # The LightningModule stores the network under this attribute name.
 _NET_PREFIX = "net."
 
@@ -63,6 +63,11 @@ class LoadedRun:
     def train_splits(self) -> list[str]:
         """The splits the run trained on (``data.train_splits``; runs from before that setting: train)."""
         return list(self.cfg.data.get("train_splits", ["train"]))
+
+    @property
+    def test_time_flips(self) -> bool:
+        """Whether inference averages the four flips of each image (``model.test_time_flips``)."""
+        return bool(self.cfg.model.get("test_time_flips", False))
 
 
 def network_state(checkpoint: Path) -> dict[str, torch.Tensor]:
