@@ -1,5 +1,6 @@
 """Inference throughput of one trained run: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 (static
-QDQ), batch 1 and 32, all measured in one process, plus the int8 accuracy drop on the held-out images.
+QDQ) vs ONNX Runtime fp32 with the four test-time flips in the graph, batch 1 and 32, all measured in one
+process, plus each backend's accuracy on the images the run did not train on.
 
     python scripts/bench_inference.py run=<run dir> [key=value ...]
     LEAFLENS_BENCH_THREADS=2 python scripts/bench_inference.py run=<run dir>   # thread counts (default 1,2)
@@ -41,6 +42,7 @@ SECONDS_PER_MEASUREMENT = 1.0
 # 2 threads can be far slower than 1.
 THREADS = tuple(int(t) for t in os.environ.get("LEAFLENS_BENCH_THREADS", "1,2").split(","))
 BATCH_SIZES = (1, 32)
+FLIPS = "ONNX Runtime fp32, 4 test-time flips"
 
 
 def throughput(fn: Callable[[np.ndarray], object], batch: np.ndarray) -> float:
@@ -78,7 +80,8 @@ def main(overrides: list[str]) -> Path:
     model = loaded.model.eval()
     spec = spec_from_data_config(loaded.data_config)
     manifest = load_manifest(run_processed_dir(Path(cfg.run), cfg))
-    held_out = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
+    held_out_splits = [s for s in ("val", "test") if s not in loaded.train_splits]
+    held_out = manifest[manifest["split"].isin(held_out_splits)].reset_index(drop=True)
     images = preprocess_batch([decode_image(p) for p in held_out["path"]], spec)
     labels = held_out["label_id"].to_numpy()
     calib_rows = split_paths(manifest, "train", int(cfg.export.int8_calibration_images), cfg.seed)
@@ -87,6 +90,9 @@ def main(overrides: list[str]) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = export_onnx(model, Path(tmp) / "model.onnx", spec["input_size"], int(cfg.export.opset))
         int8_path = quantize_int8(fp32_path, Path(tmp) / "model.int8.onnx", calibration)
+        flips_path = export_onnx(
+            model, Path(tmp) / "model.flips.onnx", spec["input_size"], int(cfg.export.opset), flips=True
+        )
         sizes = {"fp32": fp32_path.stat().st_size / 1e6, "int8": int8_path.stat().st_size / 1e6}
         wrapper = LogitsAndEmbedding(model)
 
@@ -108,6 +114,7 @@ def main(overrides: list[str]) -> Path:
                 "PyTorch eager fp32": eager,
                 "ONNX Runtime fp32": onnx(make_session(fp32_path, threads)),
                 "ONNX Runtime int8 (QDQ)": onnx(make_session(int8_path, threads)),
+                FLIPS: onnx(make_session(flips_path, threads)),
             }
             if not acc:
                 acc = {name: accuracy(fn, images, labels) for name, fn in backends.items()}
@@ -149,11 +156,14 @@ def main(overrides: list[str]) -> Path:
     speedup = {
         (t, bs): median[(names[2], t, bs)] / median[(names[1], t, bs)] for t in THREADS for bs in BATCH_SIZES
     }
+    flips_cost = {
+        (t, bs): median[(FLIPS, t, bs)] / median[(names[1], t, bs)] for t in THREADS for bs in BATCH_SIZES
+    }
     faster = min(speedup.values()) > 1.05
     verdict = "int8 is faster here" if faster else "int8 gives no reliable speed-up on this CPU"
     lines += [
         "",
-        f"- Held-out top-1 ({len(labels)} val + test images): "
+        f"- Held-out top-1 ({len(labels)} {' + '.join(held_out_splits)} images, which the run did not train on): "
         + ", ".join(f"{name} {100 * value:.1f} %" for name, value in acc.items())
         + ".",
         f"- int8 (static QDQ, per-channel int8 weights, uint8 activations, calibrated on {len(calibration)} "
@@ -171,6 +181,10 @@ def main(overrides: list[str]) -> Path:
             if acc[names[1]] < 3.0 / len(loaded.classes)
             else []
         ),
+        "- Test-time flips (what a package serves when its run sets `model.test_time_flips`, as "
+        "`experiment=plantvillage_mini` does): img/s vs the one-view ONNX Runtime fp32 graph "
+        + ", ".join(f"×{v:.2f} ({t} thr, bs {bs})" for (t, bs), v in flips_cost.items())
+        + f"; held-out top-1 {100 * acc[FLIPS]:.1f} vs {100 * acc[names[1]]:.1f} %.",
         f"- Verdict: {verdict}; ONNX Runtime fp32 is what the package serves by default "
         "(`export --int8` adds the int8 model, gated on accuracy).",
         "- Where a 2-thread row is slower than its 1-thread row, the cores were contended: PyTorch's OpenMP "
