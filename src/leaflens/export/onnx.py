@@ -69,7 +69,8 @@ def export_onnx(
         flips: Bake test-time flips into the graph (:class:`LogitsAndEmbedding`).
 
     Raises:
-        ValueError: if the wrapped logits differ from ``model(x)`` (a timm head this wrapper does not cover).
+        ValueError: if the wrapped logits differ from :func:`reference_logits` (a timm head this wrapper does
+            not cover, e.g. a non-linear classifier).
     """
     if opset < 17:
         raise ValueError(f"export.opset must be >= 17 (got {opset})")
