@@ -237,6 +237,23 @@ def test_every_class_gets_its_stratified_share() -> None:
     assert (leaks == 1).all()
 
 
+def test_every_split_gets_the_same_mix_of_single_and_multi_photo_leaves() -> None:
+    # Half the leaves have one photo, half have four. Filling the split with the largest shortfall sends the
+    # four-photo leaves to train and leaves val/test ~80 % single photos (harder, so their scores would not
+    # represent the data); dealing groups out by relative fill keeps every split at the data's mix (20 %).
+    labels, groups = [], []
+    for c in range(3):
+        for g in range(120):
+            size = 1 if g % 2 else 4
+            labels += [f"c{c}"] * size
+            groups += [f"c{c}-g{g}"] * size
+    sizes = pd.Series(groups).map(pd.Series(groups).value_counts())
+    splits = pd.Series(split_groups(labels, groups, val=0.15, test=0.15, seed=0))
+    overall = (sizes == 1).mean()
+    for split in ("train", "val", "test"):
+        assert (sizes[splits == split] == 1).mean() == pytest.approx(overall, abs=0.05), split
+
+
 def test_group_kfold_scores_every_item_once_without_splitting_a_leaf() -> None:
     rng = np.random.default_rng(1)
     labels, groups = [], []

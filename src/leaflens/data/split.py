@@ -1,9 +1,14 @@
 """Seeded, stratified, group-aware train/val/test split.
 
 Every leaf group goes to exactly one split, so no copy or re-shoot of a leaf is seen in two splits. Within
-each class, groups are shuffled with the seed and handed out largest first to the split furthest below its
-target count (the class's image count times the split fractions), so every class keeps its share as closely
-as whole groups allow. A class with at least three groups always gets at least one group in each split.
+each class, groups are shuffled with the seed and handed out largest first, each to the split that is the
+least full relative to its target count (the class's image count times the split fractions). Large groups
+are thus dealt out in proportion, like the small ones, and the single-photo groups at the end fill every split
+to its target: every class keeps its share as closely as whole groups allow, and each split gets the same mix
+of one-photo and many-photo leaves. (Handing each group to the split with the largest absolute shortfall
+instead sends every large group to train first and leaves val and test mostly single-photo leaves, which are
+harder to classify, so their scores would not represent the data.) A class with at least three groups always
+gets at least one group in each split.
 ``group_kfold`` cuts the same kind of folds for cross-validation.
 """
 
@@ -65,10 +70,12 @@ def split_groups(
         class_groups.sort(key=lambda g: sizes[g], reverse=True)  # stable: random order among equal sizes
         target = _targets(sum(sizes[g] for g in class_groups), val, test)
         filled = dict.fromkeys(SPLITS, 0)
-        # Small splits first on ties, so a class of a few groups still reaches val and test.
-        order = {"test": 0, "val": 1, "train": 2}
+        order = {"train": 0, "val": 1, "test": 2}  # ties (all empty): train first, then val and test
         for group in class_groups:
-            split = max(wanted, key=lambda s: (target[s] - filled[s], -order[s]))
+            split = min(
+                wanted,
+                key=lambda s: (filled[s] / target[s] if target[s] else math.inf, order[s]),
+            )
             assignment[group] = split
             filled[split] += sizes[group]
         if len(class_groups) >= len(wanted):
