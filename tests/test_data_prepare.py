@@ -238,9 +238,9 @@ def test_every_class_gets_its_stratified_share() -> None:
 
 
 def test_every_split_gets_the_same_mix_of_single_and_multi_photo_leaves() -> None:
-    # Half the leaves have one photo, half have four. Filling the split with the largest shortfall sends the
-    # four-photo leaves to train and leaves val/test ~80 % single photos (harder, so their scores would not
-    # represent the data); dealing groups out by relative fill keeps every split at the data's mix (20 %).
+    # Half the leaves have one photo, half have four (20 % of the images are single photos). Filling the split
+    # with the largest shortfall sent the four-photo leaves to train: 9 % single photos there, 47 % in val and
+    # test (harder, so their scores would not represent the data). Relative fill keeps every split at 20 %.
     labels, groups = [], []
     for c in range(3):
         for g in range(120):
