@@ -127,7 +127,8 @@ def pipeline(c: Context, args: str = "experiment=quickstart") -> None:
 @task
 def dvc_repro(c: Context) -> None:
     """Rerun the DVC pipeline stages whose inputs changed."""
-    _run(c, f"{BIN / 'dvc'} repro")
+    # The stages call `leaflens`, which is on PATH only inside the virtual environment.
+    _run(c, f"{BIN / 'dvc'} repro", env={"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
 
 
 @task(help={"slow": "include tests marked slow", "cov": "measure coverage of src/"})

@@ -50,6 +50,7 @@ def write_section(body: str, report: Path = REPORT) -> None:
 def main(argv: list[str]) -> int:
     os.environ.setdefault("PROJECT_ROOT", str(REPO))
     import timm
+    from omegaconf import OmegaConf
     from timm.data import resolve_data_config
 
     from leaflens.config import load_config
@@ -83,7 +84,14 @@ def main(argv: list[str]) -> int:
         stats = json.loads((processed / "stats.json").read_text())
         files = stats["files_scanned"]
 
-        data_config = resolve_data_config({}, model=timm.create_model(cfg.model.name, pretrained=False))
+        # The model's preprocessing, with any overlay the config gives it (e.g. the recipe's eval crop_pct).
+        overlay = cfg.model.get("pretrained_cfg_overlay")
+        model = timm.create_model(
+            cfg.model.name,
+            pretrained=False,
+            pretrained_cfg_overlay=OmegaConf.to_container(overlay) if overlay else None,
+        )
+        data_config = resolve_data_config({}, model=model)
         loader = cfg.data.loader
         rows = []
         for label, workers, memory in (

@@ -74,6 +74,24 @@ def test_memory_cache_gives_the_same_eval_pixels(prepared_root: Path, data_confi
     assert torch.equal(a[1], b[1])
 
 
+def test_memory_cache_does_not_tie_training_pixels_to_the_eval_crop(
+    prepared_root: Path, data_config: dict, augment: dict
+) -> None:
+    # With crop_pct 1.0 the eval resize is 224 px; the 256-px sample photos must still reach the random crop whole.
+    whole_photo = {**data_config, "crop_pct": 1.0}
+    first_train_images = []
+    for memory_cache in (False, True):
+        torch.manual_seed(0)  # the training transform draws from a seed taken when the dataset is built
+        dm = _dm(prepared_root / "processed", whole_photo, augment=augment, memory_cache=memory_cache)
+        dm.setup("fit")
+        first_train_images.append(dm.datasets["train"][0][0])
+    assert dm.datasets["train"].images is not None
+    assert min(dm.datasets["train"].images[0].shape[:2]) == 256
+    assert torch.equal(*first_train_images)
+    # Eval splits are still cached at the eval resize.
+    assert min(dm.datasets["val"].images[0].shape[:2]) == 224
+
+
 def test_worker_processes_load_batches(prepared_root: Path, data_config: dict, augment: dict) -> None:
     dm = _dm(
         prepared_root / "processed", data_config, augment=augment, num_workers=2, persistent_workers=True

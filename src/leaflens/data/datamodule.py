@@ -11,6 +11,7 @@ took ~40 % of their CPU time and moved 4x the bytes between processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ class PlantVillageDataModule(L.LightningDataModule):
         balanced_sampling: Draw training images with probability inversely proportional to their class count.
         augment: ``data.augment`` settings; ``None`` disables augmentation.
         cache_dir: The resized ``.npy`` cache written by ``data prepare`` (``data.cache``), if any.
-        memory_cache: Decode every image of the used splits once into RAM (uint8, shorter side shrunk to the
-            eval resize), so epochs skip JPEG decoding. ~200 KB per 256-px image.
+        memory_cache: Decode every image of the used splits once into RAM (uint8, larger photos shrunk to what
+            the split's transform needs: see ``_cached_short_side``), so epochs skip JPEG decoding. ~200 KB per
+            256-px image.
         train_splits: Manifest splits the model trains on. ``("train", "val")`` refits on validation too, once
             the recipe is fixed: val metrics are then no longer held out (test still is).
     """
@@ -138,7 +140,7 @@ class PlantVillageDataModule(L.LightningDataModule):
             spec = spec_from_data_config(self.data_config)
             images = preload_images(
                 rows["path"].tolist(),
-                max(int(spec["resize_to"]), *spec["input_size"][1:]),
+                self._cached_short_side(split),
                 spec["interpolation"],
                 rows["sha256"].tolist(),
                 self.cache_dir,
@@ -151,6 +153,25 @@ class PlantVillageDataModule(L.LightningDataModule):
             cache_dir=self.cache_dir,
             images=images,
         )
+
+    def _cached_short_side(self, split: str) -> int:
+        """The shorter side the memory cache shrinks a split's images to (larger images only).
+
+        Eval splits: the eval resize, so the eval transform's own resize is a no-op and outputs match decoding
+        the file. Augmented training: large enough that ``RandomResizedCrop``'s narrowest crop still spans the
+        input without upsampling. Caching training at the eval resize would tie the training pixels to the eval
+        crop: with ``crop_pct`` 1.0, 256-px photos were shrunk to 224 before cropping, and training learnt from
+        blurrier, upsampled crops than without the cache.
+        """
+        spec = spec_from_data_config(self.data_config)
+        _, height, width = spec["input_size"]
+        eval_side = max(int(spec["resize_to"]), height, width)
+        if split != "train" or self.augment is None:
+            return eval_side
+        # A crop of area fraction s and aspect r spans at least sqrt(s * r) of the shorter side (sqrt(s / r) for r > 1).
+        scale, ratio = self.augment["scale"], self.augment["ratio"]
+        narrowest = math.sqrt(float(scale[0]) * min(float(ratio[0]), 1.0 / float(ratio[1])))
+        return max(eval_side, math.ceil(max(height, width) / narrowest))
 
     def _loader(self, split: str, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
         if split not in self.datasets:
