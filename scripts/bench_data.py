@@ -49,15 +49,15 @@ def write_section(body: str, report: Path = REPORT) -> None:
 
 def main(argv: list[str]) -> int:
     os.environ.setdefault("PROJECT_ROOT", str(REPO))
-    import timm
-    from omegaconf import OmegaConf
     from timm.data import resolve_data_config
 
     from leaflens.config import load_config
     from leaflens.data.datamodule import PlantVillageDataModule
     from leaflens.data.download import download
     from leaflens.data.prepare import prepare
+    from leaflens.data.taxonomy import load_classes
     from leaflens.logs import setup_logging
+    from leaflens.train.checkpoint import create_backbone
 
     setup_logging("WARNING")
     paths = [a for a in argv if "=" not in a]
@@ -84,12 +84,10 @@ def main(argv: list[str]) -> int:
         stats = json.loads((processed / "stats.json").read_text())
         files = stats["files_scanned"]
 
-        # The model's preprocessing, with any overlay the config gives it (e.g. the recipe's eval crop_pct).
-        overlay = cfg.model.get("pretrained_cfg_overlay")
-        model = timm.create_model(
-            cfg.model.name,
-            pretrained=False,
-            pretrained_cfg_overlay=OmegaConf.to_container(overlay) if overlay else None,
+        # The configured model's preprocessing (its pretrained_cfg_overlay included, e.g. the recipe's eval
+        # crop_pct); its weights play no part, so none are loaded.
+        model = create_backbone(
+            cfg, len(load_classes(processed)), pretrained=False, pretrained_file=None, checkpoint_follows=True
         )
         data_config = resolve_data_config({}, model=model)
         loader = cfg.data.loader
