@@ -1,8 +1,8 @@
 """Paired comparison of two models scored on the same images.
 
 Two recipes evaluated on one set of images differ mostly where one is right and the other wrong; the images both
-get right (or both wrong) say nothing about which is better. McNemar's exact test asks whether the images fixed
-by model B outnumber those it broke by more than chance (a fair coin over the discordant pairs would give).
+get right (or both wrong) say nothing about which is better. McNemar's exact test asks whether the images B
+fixed and the images it broke split further from even than tossing a fair coin for each of them would.
 """
 
 from __future__ import annotations
