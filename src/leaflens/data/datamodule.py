@@ -140,7 +140,7 @@ class PlantVillageDataModule(L.LightningDataModule):
             spec = spec_from_data_config(self.data_config)
             images = preload_images(
                 rows["path"].tolist(),
-                self._cached_short_side(split),
+                self._cached_short_side(split, spec),
                 spec["interpolation"],
                 rows["sha256"].tolist(),
                 self.cache_dir,
@@ -154,7 +154,7 @@ class PlantVillageDataModule(L.LightningDataModule):
             images=images,
         )
 
-    def _cached_short_side(self, split: str) -> int:
+    def _cached_short_side(self, split: str, spec: Mapping[str, Any]) -> int:
         """The shorter side the memory cache shrinks a split's images to (larger images only).
 
         Eval splits: the eval resize, so the eval transform's own resize is a no-op and outputs match decoding
@@ -162,8 +162,11 @@ class PlantVillageDataModule(L.LightningDataModule):
         input without upsampling. Caching training at the eval resize would tie the training pixels to the eval
         crop: with ``crop_pct`` 1.0, 256-px photos were shrunk to 224 before cropping, and training learnt from
         blurrier, upsampled crops than without the cache.
+
+        Args:
+            split: Manifest split the images belong to.
+            spec: The model's preprocessing (``spec_from_data_config``).
         """
-        spec = spec_from_data_config(self.data_config)
         _, height, width = spec["input_size"]
         eval_side = max(int(spec["resize_to"]), height, width)
         if split != "train" or self.augment is None:
