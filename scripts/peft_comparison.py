@@ -35,7 +35,8 @@ EXPERIMENTS = ["plantvillage_mini", "peft_lora", "peft_bitfit", "peft_head", "pe
 
 
 def score_test(run_dir: Path, processed: Path) -> dict[str, float]:
-    """Top-1 and macro-F1 of the run's best checkpoint on the test split (with its test-time flips, if any)."""
+    """Top-1 and macro-F1 of the run's best checkpoint on the test split (with its test-time flips, if any), and
+    the input size it was scored at."""
     run = load_run(run_dir)
     model = LogitsAndEmbedding(run.model, run.test_time_flips).eval()
     dm = PlantVillageDataModule(processed, run.data_config, batch_size=64, num_workers=0)
@@ -51,6 +52,7 @@ def score_test(run_dir: Path, processed: Path) -> dict[str, float]:
         "test_acc": float(acc.compute()),
         "test_f1": float(f1.compute()),
         "test_images": len(dm.datasets["test"]),
+        "input_px": run.data_config["input_size"][-1],
     }
 
 
@@ -69,6 +71,7 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         ("trainable %", lambda r: f"{r['percent']:.2f}"),
         ("trains on", lambda r: "+".join(r.get("train_splits", ["train"]))),
         ("epochs", lambda r: str(r["epochs"])),
+        ("input px", lambda r: str(r.get("input_px", "?"))),
         ("lr", lambda r: f"{r['lr']:g}" if "lr" in r else "?"),
         ("val top-1", lambda r: _val_cell(r, "val_acc")),
         ("val macro-F1", lambda r: _val_cell(r, "val_f1")),
@@ -104,7 +107,7 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
             f"(test = {test_images} images). The strategy rows train on train only, so their val is held out too; "
             "the recipe refits on train + val (`data.train_splits`), so its val columns [in brackets] are not.",
             "Model: offline MobileNetV3-Small (`tf_mobilenetv3_small_100`, folded BN kept in eval mode), "
-            "38-way classifier, 224 px. Every row uses the same recipe as `experiment=plantvillage_mini` "
+            "38-way classifier. Every row uses the same recipe as `experiment=plantvillage_mini` "
             "(AdamW + warm-up/cosine, label smoothing 0.1, EMA of the weights, same augmentation) except the "
             "strategy and, where many weights train, a lower peak learning rate. "
             "Trainable % is relative to the 1,556,806 parameters of the exported (merged) model. Validation "
