@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_reload_gives_identical_logits(trained_run: Path) -> None:
     assert not first.model.training
     names = [n for n, _ in first.model.named_modules()]
     assert not any("lora" in n or "modules_to_save" in n for n in names)  # merged into a plain timm model
-    assert first.data_config["input_size"] == (3, 224, 224) and len(first.classes) == 38
+    assert first.data_config["input_size"] == (3, 256, 256) and len(first.classes) == 38
     images = torch.randn(3, *first.data_config["input_size"])
     with torch.no_grad():
         logits = first.model(images)
@@ -221,6 +222,30 @@ def test_ema_follows_its_warm_up_schedule() -> None:
             expected[key] = moved.trunc() if not tensor.is_floating_point() else moved
     for key, tensor in averaged.module.state_dict().items():
         assert torch.allclose(tensor.double(), expected[key], atol=1e-4), key
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "min_warmup_steps", "warmup_steps"),
+    [(800, 40, 40), (180, 0, 9), (180, 40, 40), (30, 40, 15)],  # 5 % unless the minimum is longer; <= half
+)
+def test_warmup_lasts_its_fraction_or_minimum_then_decays(
+    total_steps: int, min_warmup_steps: int, warmup_steps: int
+) -> None:
+    from leaflens.train.module import warmup_cosine
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(optimizer, total_steps, warmup_fraction=0.05, min_warmup_steps=min_warmup_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # The LR rises linearly over `warmup_steps` steps to the peak, then falls monotonically towards
+    # min_lr_ratio (0.01).
+    assert lrs[:warmup_steps] == pytest.approx([(i + 1) / warmup_steps for i in range(warmup_steps)])
+    decay = lrs[warmup_steps:]
+    assert decay[0] == pytest.approx(1.0) and all(a > b for a, b in pairwise(decay))
+    assert 0.01 <= lrs[-1] < 0.05
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

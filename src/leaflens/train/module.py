@@ -38,12 +38,19 @@ def _warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr
 
 
 def warmup_cosine(
-    optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.05, min_lr_ratio: float = 0.01
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_fraction: float = 0.05,
+    min_lr_ratio: float = 0.01,
+    min_warmup_steps: int = 0,
 ) -> LambdaLR:
     """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to ``min_lr_ratio`` x the peak
     LR.
+
+    The warm-up lasts at least ``min_warmup_steps`` (but never more than half the run): a fraction alone gives a
+    run on a small dataset only a handful of warm-up steps.
     """
-    warmup_steps = max(1, round(warmup_fraction * total_steps))
+    warmup_steps = max(1, round(warmup_fraction * total_steps), min(min_warmup_steps, total_steps // 2))
     factor = partial(
         _warmup_cosine_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
     )
