@@ -66,7 +66,7 @@ def test_reload_gives_identical_logits(trained_run: Path) -> None:
     assert not first.model.training
     names = [n for n, _ in first.model.named_modules()]
     assert not any("lora" in n or "modules_to_save" in n for n in names)  # merged into a plain timm model
-    assert first.data_config["input_size"] == (3, 256, 256) and len(first.classes) == 38
+    assert first.data_config["input_size"] == (3, 288, 288) and len(first.classes) == 38
     images = torch.randn(3, *first.data_config["input_size"])
     with torch.no_grad():
         logits = first.model(images)
