@@ -225,6 +225,31 @@ def test_ema_follows_its_warm_up_schedule() -> None:
 
 
 @pytest.mark.parametrize(
+    ("decay", "steps", "warns"),
+    # The recipe's 0.99 ends at 0.9897 in its ~860 steps (a window of 97 steps instead of 100): close enough.
+    # 0.995 would end at the same 0.9897, half the window it asks for.
+    [(0.99, 860, False), (0.995, 860, True), (0.995, 1790, False), (0.9, 100, False)],
+)
+def test_ema_says_when_its_decay_is_never_reached(decay: float, steps: int, warns: bool) -> None:
+    from types import SimpleNamespace
+
+    from leaflens.logs import logger
+    from leaflens.train.module import EMA, ema_decay_at
+
+    assert ema_decay_at(890, 0.99) == 0.99 and ema_decay_at(889, 0.99) < 0.99
+    warnings: list[str] = []
+    sink = logger.add(warnings.append, level="WARNING", format="{message}")
+    try:
+        # on_fit_start reads only the trainer's step estimate.
+        EMA(decay).on_fit_start(SimpleNamespace(estimated_stepping_batches=steps), None)  # type: ignore[arg-type]
+    finally:
+        logger.remove(sink)
+    assert bool(warnings) == warns
+    if warns:
+        assert f"{ema_decay_at(steps, decay):.4f}" in warnings[0] and str(decay) in warnings[0]
+
+
+@pytest.mark.parametrize(
     ("total_steps", "min_warmup_steps", "warmup_steps"),
     [(800, 40, 40), (180, 0, 9), (180, 40, 40), (30, 40, 15)],  # 5 % unless the minimum is longer; <= half
 )
