@@ -98,6 +98,7 @@ class EMA(WeightAveraging):
         self.decay = decay
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # a no-op in WeightAveraging today; keeps any it gains later
         steps = trainer.estimated_stepping_batches
         if not math.isfinite(steps):
             return
