@@ -102,3 +102,22 @@ def test_identity_augment_matches_crop_statistics(data_config: dict, augment: di
     out = train_transform(data_config, quiet)(image=image)["image"].numpy()
     expected = (200 / 255.0 - np.asarray(data_config["mean"])) / np.asarray(data_config["std"])
     np.testing.assert_allclose(out.mean(axis=(1, 2), dtype=np.float64), expected, atol=1e-4)
+
+
+def test_random_erasing_replaces_one_patch_and_is_absent_when_off(data_config: dict, augment: dict) -> None:
+    # Off (the default) adds no transform, so the random stream, and every earlier run's crops, stay as they were.
+    assert augment["erase_p"] == 0
+    quiet = {**augment, "hflip": 0, "vflip": 0, "rotate_p": 0, "color_p": 0, "blur_p": 0}
+    assert len(train_transform(data_config, quiet).transforms) == len(
+        train_transform(data_config, {**quiet, "erase_p": 0.0}).transforms
+    )
+    erasing = {**quiet, "erase_p": 1.0, "erase_scale": [0.05, 0.1]}
+    out = train_transform(data_config, erasing, normalize=False)(image=np.full((256, 256, 3), 200, np.uint8))[
+        "image"
+    ]
+    changed = (out != 200).any(axis=-1)
+    # One rectangle of 5-10 % of the crop (a random pixel can equal 200 in all three channels, rarely).
+    assert 0.04 < changed.mean() <= 0.1
+    rows, cols = np.nonzero(changed)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert changed.sum() / box > 0.99

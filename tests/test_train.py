@@ -335,3 +335,58 @@ def test_mixup_trains_on_mixed_soft_targets_and_leaves_odd_batches_alone(batch_s
         expected = torch.nn.functional.cross_entropy(net(mixed), targets, label_smoothing=smoothing)
     assert torch.isfinite(loss)
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_lora_b_lr_scale_steps_the_b_matrices_faster_through_the_schedule() -> None:
+    """LoRA+: the lora_B group starts at scale x the others' learning rate and keeps the ratio under the
+    warm-up + cosine schedule; a scale with nothing to scale, or a schedule that resets it, is refused."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from leaflens.train.module import ClassifierModule, warmup_cosine
+
+    base = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)
+    )
+    net = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], modules_to_save=["3"]))
+
+    def configure(scale: float, scheduler=partial(warmup_cosine, warmup_fraction=0.1)) -> dict:
+        module = ClassifierModule(
+            net,
+            4,
+            optimizer=partial(torch.optim.AdamW, lr=1e-3),
+            scheduler=scheduler,
+            channels_last=False,
+            lora_b_lr_scale=scale,
+        )
+        module._trainer = SimpleNamespace(
+            estimated_stepping_batches=20
+        )  # all configure_optimizers asks of it
+        return module.configure_optimizers()
+
+    config = configure(3.0)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lora_b = {id(p) for n, p in net.named_parameters() if "lora_B" in n and p.requires_grad}
+    [scaled] = [g for g in optimizer.param_groups if "lr_scale" in g]
+    assert lora_b and {id(p) for p in scaled["params"]} == lora_b
+    others = [g for g in optimizer.param_groups if "lr_scale" not in g]
+    assert sum(len(g["params"]) for g in others) == sum(p.requires_grad for p in net.parameters()) - len(
+        lora_b
+    )
+    for _ in range(7):  # through the warm-up and into the cosine
+        optimizer.step()
+        scheduler.step()
+        assert scaled["lr"] > 0
+        for group in others:
+            assert scaled["lr"] == pytest.approx(3.0 * group["lr"])
+    # At 1, the plain groups: no lr_scale anywhere.
+    assert not any("lr_scale" in g for g in configure(1.0)["optimizer"].param_groups)
+    one_cycle = partial(lambda opt, total_steps: torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps))
+    with pytest.raises(ValueError, match="OneCycleLR"):
+        configure(3.0, one_cycle)
+    for name, p in net.named_parameters():  # a head-only model: nothing for the scale to act on
+        p.requires_grad_("modules_to_save" in name)
+    with pytest.raises(ValueError, match="no LoRA B matrix"):
+        configure(3.0)

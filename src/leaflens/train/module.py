@@ -119,11 +119,25 @@ class EMA(WeightAveraging):
             logger.info("EMA decay reaches {:.4f} in this run's {} optimizer steps", reached, int(steps))
 
 
-def parameter_groups(net: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split so that biases and norm weights (1-D tensors) get no weight decay."""
-    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def parameter_groups(net: nn.Module, weight_decay: float, lora_b_lr_scale: float = 1.0) -> list[dict]:
+    """Trainable parameters split so that biases and norm weights (1-D tensors) get no weight decay.
+
+    Args:
+        net: The model; only parameters with ``requires_grad`` are grouped.
+        weight_decay: Weight decay of the weight matrices.
+        lora_b_lr_scale: Learning-rate multiplier of peft's ``lora_B`` matrices (LoRA+, Hayou et al. 2024),
+            stored as the group's ``lr_scale`` for :meth:`ClassifierModule.configure_optimizers` to apply. At 1
+            the groups are the plain two.
+    """
+    trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    scaled = [p for name, p in trainable if lora_b_lr_scale != 1.0 and "lora_B" in name]
+    scaled_ids = {id(p) for p in scaled}
+    rest = [p for _, p in trainable if id(p) not in scaled_ids]
+    groups = [
+        {"params": [p for p in rest if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": scaled, "weight_decay": weight_decay, "lr_scale": lora_b_lr_scale},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -143,6 +157,8 @@ class ClassifierModule(L.LightningModule):
         mixup: Optional MixUp/CutMix factory (``timm.data.Mixup`` as a Hydra ``_partial_``), called with
             ``num_classes`` and ``label_smoothing=0`` (the loss applies ``label_smoothing`` to the mixed targets).
             Training batches of odd size (an epoch's last) stay unmixed: pairs are the batch and its reverse.
+        lora_b_lr_scale: Learning-rate multiplier of the LoRA ``B`` matrices (LoRA+); 1 trains every parameter
+            at the optimizer's learning rate. Needs trainable ``lora_B`` parameters and a ``LambdaLR`` schedule.
     """
 
     def __init__(
@@ -157,6 +173,7 @@ class ClassifierModule(L.LightningModule):
         freeze_bn_stats: bool = False,
         channels_last: bool = True,
         mixup: MixupFactory | None = None,
+        lora_b_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "mixup"])
@@ -165,6 +182,7 @@ class ClassifierModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.freeze_bn_stats = freeze_bn_stats
         self.weight_decay = weight_decay
+        self.lora_b_lr_scale = lora_b_lr_scale
         self.channels_last = channels_last
         weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         if weights is not None and weights.numel() != num_classes:
@@ -239,9 +257,22 @@ class ClassifierModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(parameter_groups(self.net, self.weight_decay))
+        optimizer = self.optimizer_factory(
+            parameter_groups(self.net, self.weight_decay, self.lora_b_lr_scale)
+        )
+        if self.lora_b_lr_scale != 1.0 and not any("lr_scale" in g for g in optimizer.param_groups):
+            raise ValueError(f"optim.lora_b_lr_scale={self.lora_b_lr_scale}, but no LoRA B matrix trains")
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        # Schedulers that set every group's learning rate from one number (OneCycleLR's max_lr) would undo the
+        # scaling silently.
+        if any("lr_scale" in g for g in optimizer.param_groups) and not isinstance(scheduler, LambdaLR):
+            raise ValueError(
+                f"optim.lora_b_lr_scale needs a scheduler that scales each group's own learning rate "
+                f"(optim=adamw_cosine), not {type(scheduler).__name__}"
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
