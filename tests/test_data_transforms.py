@@ -112,9 +112,8 @@ def test_random_erasing_replaces_one_patch_and_is_absent_when_off(data_config: d
         train_transform(data_config, {**quiet, "erase_p": 0.0}).transforms
     )
     erasing = {**quiet, "erase_p": 1.0, "erase_scale": [0.05, 0.1]}
-    out = train_transform(data_config, erasing, normalize=False)(image=np.full((256, 256, 3), 200, np.uint8))[
-        "image"
-    ]
+    image = np.full((256, 256, 3), 200, np.uint8)
+    out = train_transform(data_config, erasing, normalize=False)(image=image)["image"]
     changed = (out != 200).any(axis=-1)
     # One rectangle of 5-10 % of the crop (a random pixel can equal 200 in all three channels, rarely).
     assert 0.04 < changed.mean() <= 0.1

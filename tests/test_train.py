@@ -361,9 +361,8 @@ def test_lora_b_lr_scale_steps_the_b_matrices_faster_through_the_schedule() -> N
             channels_last=False,
             lora_b_lr_scale=scale,
         )
-        module._trainer = SimpleNamespace(
-            estimated_stepping_batches=20
-        )  # all configure_optimizers asks of it
+        # The run's length is all configure_optimizers asks of a trainer.
+        module._trainer = SimpleNamespace(estimated_stepping_batches=20)
         return module.configure_optimizers()
 
     config = configure(3.0)
@@ -372,9 +371,8 @@ def test_lora_b_lr_scale_steps_the_b_matrices_faster_through_the_schedule() -> N
     [scaled] = [g for g in optimizer.param_groups if "lr_scale" in g]
     assert lora_b and {id(p) for p in scaled["params"]} == lora_b
     others = [g for g in optimizer.param_groups if "lr_scale" not in g]
-    assert sum(len(g["params"]) for g in others) == sum(p.requires_grad for p in net.parameters()) - len(
-        lora_b
-    )
+    trainable = sum(p.requires_grad for p in net.parameters())
+    assert sum(len(g["params"]) for g in others) == trainable - len(lora_b)
     for _ in range(7):  # through the warm-up and into the cosine
         optimizer.step()
         scheduler.step()
@@ -383,7 +381,10 @@ def test_lora_b_lr_scale_steps_the_b_matrices_faster_through_the_schedule() -> N
             assert scaled["lr"] == pytest.approx(3.0 * group["lr"])
     # At 1, the plain groups: no lr_scale anywhere.
     assert not any("lr_scale" in g for g in configure(1.0)["optimizer"].param_groups)
-    one_cycle = partial(lambda opt, total_steps: torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps))
+
+    def one_cycle(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps)
+
     with pytest.raises(ValueError, match="OneCycleLR"):
         configure(3.0, one_cycle)
     for name, p in net.named_parameters():  # a head-only model: nothing for the scale to act on
