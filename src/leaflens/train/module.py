@@ -130,9 +130,9 @@ def parameter_groups(net: nn.Module, weight_decay: float, lora_b_lr_scale: float
             the groups are the plain two.
     """
     trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
-    scaled = [p for name, p in trainable if lora_b_lr_scale != 1.0 and "lora_B" in name]
-    scaled_ids = {id(p) for p in scaled}
-    rest = [p for _, p in trainable if id(p) not in scaled_ids]
+    is_scaled = {name: lora_b_lr_scale != 1.0 and "lora_B" in name for name, _ in trainable}
+    scaled = [p for name, p in trainable if is_scaled[name]]
+    rest = [p for name, p in trainable if not is_scaled[name]]
     groups = [
         {"params": [p for p in rest if p.ndim > 1], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0},
@@ -257,11 +257,10 @@ class ClassifierModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(
-            parameter_groups(self.net, self.weight_decay, self.lora_b_lr_scale)
-        )
-        if self.lora_b_lr_scale != 1.0 and not any("lr_scale" in g for g in optimizer.param_groups):
+        groups = parameter_groups(self.net, self.weight_decay, self.lora_b_lr_scale)
+        if self.lora_b_lr_scale != 1.0 and not any("lr_scale" in g for g in groups):
             raise ValueError(f"optim.lora_b_lr_scale={self.lora_b_lr_scale}, but no LoRA B matrix trains")
+        optimizer = self.optimizer_factory(groups)
         for group in optimizer.param_groups:
             group["lr"] *= group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
