@@ -159,6 +159,30 @@ def test_last_checkpoint_is_the_last_epoch_and_best_follows_the_monitor(
     assert metrics["monitor"] == ("val_acc" if overrides else None)
 
 
+def test_a_run_with_lr_scales_reloads_and_trains_the_head_at_its_multiple(
+    prepared_root: Path, tmp_path: Path
+) -> None:
+    """The multipliers reach the optimizer from the command line, and the checkpoint still loads with
+    weights_only (a Hydra DictConfig among its hyperparameters would not)."""
+    from leaflens.train.run import train
+
+    cfg = compose(
+        *data_overrides(prepared_root),
+        *FAST_TRAIN,
+        "++optim.lr_scales={classifier:3}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        task_name="train",
+    )
+    run_dir = train(cfg)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["hyper_parameters"]["lr_scales"] == {"classifier": 3}
+    [state] = last["optimizer_states"]
+    plain = [group["lr"] for group in state["param_groups"] if "lr_scale" not in group]
+    scaled = [group["lr"] for group in state["param_groups"] if group.get("lr_scale") == 3]
+    assert plain and scaled and all(lr == pytest.approx(3 * plain[0]) for lr in scaled)
+    assert load_run(run_dir).model(torch.zeros(1, 3, 64, 64)).isfinite().all()
+
+
 @pytest.mark.slow
 def test_wandb_logger_runs_offline_and_logs_the_best_model(
     prepared_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -337,9 +361,10 @@ def test_mixup_trains_on_mixed_soft_targets_and_leaves_odd_batches_alone(batch_s
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
-def test_lora_b_lr_scale_steps_the_b_matrices_faster_through_the_schedule() -> None:
-    """LoRA+: the lora_B group starts at scale x the others' learning rate and keeps the ratio under the
-    warm-up + cosine schedule; a scale with nothing to scale, or a schedule that resets it, is refused."""
+def test_lr_scales_step_matched_parameters_faster_through_the_schedule() -> None:
+    """optim.lr_scales: LoRA+ (lora_B at 3x) and a head at 0.5x start at those multiples of the others' learning
+    rate and keep them under the warm-up + cosine schedule; a key that matches nothing, or a schedule that resets
+    the multiples, is refused."""
     from functools import partial
     from types import SimpleNamespace
 
@@ -352,42 +377,53 @@ def test_lora_b_lr_scale_steps_the_b_matrices_faster_through_the_schedule() -> N
     )
     net = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], modules_to_save=["3"]))
 
-    def configure(scale: float, scheduler=partial(warmup_cosine, warmup_fraction=0.1)) -> dict:
+    def configure(scales: dict, scheduler=partial(warmup_cosine, warmup_fraction=0.1)) -> dict:
         module = ClassifierModule(
             net,
             4,
             optimizer=partial(torch.optim.AdamW, lr=1e-3),
             scheduler=scheduler,
             channels_last=False,
-            lora_b_lr_scale=scale,
+            lr_scales=scales,
         )
         # The run's length is all configure_optimizers asks of a trainer.
         module._trainer = SimpleNamespace(estimated_stepping_batches=20)
         return module.configure_optimizers()
 
-    config = configure(3.0)
+    config = configure({"lora_B": 3.0, r"^base_model\.model\.3\.": 0.5})
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    lora_b = {id(p) for n, p in net.named_parameters() if "lora_B" in n and p.requires_grad}
-    [scaled] = [g for g in optimizer.param_groups if "lr_scale" in g]
-    assert lora_b and {id(p) for p in scaled["params"]} == lora_b
-    others = [g for g in optimizer.param_groups if "lr_scale" not in g]
-    trainable = sum(p.requires_grad for p in net.parameters())
-    assert sum(len(g["params"]) for g in others) == trainable - len(lora_b)
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    lora_b = {id(p) for n, p in trainable.items() if "lora_B" in n}
+    head = {id(p) for n, p in trainable.items() if n.startswith("base_model.model.3.")}
+    assert lora_b and head and not lora_b & head
+
+    def ids(scale: float | None) -> set[int]:
+        groups = [g for g in optimizer.param_groups if g.get("lr_scale") == scale]
+        return {id(p) for g in groups for p in g["params"]}
+
+    assert ids(3.0) == lora_b and ids(0.5) == head
+    assert ids(None) == {id(p) for p in trainable.values()} - lora_b - head
+    # The head's bias (1-D) gets no weight decay in its scaled group either.
+    assert {g["weight_decay"] for g in optimizer.param_groups if g.get("lr_scale") == 0.5} == {0.0, 0.05}
+    plain = next(g for g in optimizer.param_groups if "lr_scale" not in g)
     for _ in range(7):  # through the warm-up and into the cosine
         optimizer.step()
         scheduler.step()
-        assert scaled["lr"] > 0
-        for group in others:
-            assert scaled["lr"] == pytest.approx(3.0 * group["lr"])
-    # At 1, the plain groups: no lr_scale anywhere.
-    assert not any("lr_scale" in g for g in configure(1.0)["optimizer"].param_groups)
+        assert plain["lr"] > 0
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(group.get("lr_scale", 1.0) * plain["lr"])
+    # Without scales, the plain two groups (weight matrices, then the rest): no lr_scale anywhere.
+    groups = configure({})["optimizer"].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and not any("lr_scale" in g for g in groups)
 
     def one_cycle(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
         return torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps)
 
     with pytest.raises(ValueError, match="OneCycleLR"):
-        configure(3.0, one_cycle)
-    for name, p in net.named_parameters():  # a head-only model: nothing for the scale to act on
+        configure({"lora_B": 3.0}, one_cycle)
+    with pytest.raises(ValueError, match="'lora_b' matches no trainable parameter"):
+        configure({"lora_b": 3.0})  # a typo: regexes are case-sensitive
+    for name, p in net.named_parameters():  # a head-only model: nothing for LoRA+ to act on
         p.requires_grad_("modules_to_save" in name)
-    with pytest.raises(ValueError, match="no LoRA B matrix"):
-        configure(3.0)
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        configure({"lora_B": 3.0})

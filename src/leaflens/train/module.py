@@ -7,7 +7,8 @@ only adds the training loop around it, so evaluation and export use the network 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -119,26 +120,41 @@ class EMA(WeightAveraging):
             logger.info("EMA decay reaches {:.4f} in this run's {} optimizer steps", reached, int(steps))
 
 
-def parameter_groups(net: nn.Module, weight_decay: float, lora_b_lr_scale: float = 1.0) -> list[dict]:
+def parameter_groups(
+    net: nn.Module, weight_decay: float, lr_scales: Mapping[str, float] | None = None
+) -> list[dict]:
     """Trainable parameters split so that biases and norm weights (1-D tensors) get no weight decay.
 
     Args:
         net: The model; only parameters with ``requires_grad`` are grouped.
         weight_decay: Weight decay of the weight matrices.
-        lora_b_lr_scale: Learning-rate multiplier of peft's ``lora_B`` matrices (LoRA+, Hayou et al. 2024),
-            stored as the group's ``lr_scale`` for :meth:`ClassifierModule.configure_optimizers` to apply. At 1
-            the groups are the plain two.
+        lr_scales: Learning-rate multipliers by parameter name: a trainable parameter whose name matches a key
+            (a regex, ``re.search``) takes that key's multiplier, the first matching key's if several do. E.g.
+            ``{"lora_B": 2}`` is LoRA+ (Hayou et al. 2024). Stored as the groups' ``lr_scale`` for
+            :meth:`ClassifierModule.configure_optimizers` to apply. Without scales the groups are the plain two.
+
+    Raises:
+        ValueError: If a key of ``lr_scales`` matches no trainable parameter (a typo would otherwise change
+            nothing, silently).
     """
     trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
-    is_scaled = {name: lora_b_lr_scale != 1.0 and "lora_B" in name for name, _ in trainable}
-    scaled = [p for name, p in trainable if is_scaled[name]]
-    rest = [p for name, p in trainable if not is_scaled[name]]
-    groups = [
-        {"params": [p for p in rest if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0},
-        {"params": scaled, "weight_decay": weight_decay, "lr_scale": lora_b_lr_scale},
+    scales = dict(lr_scales or {})
+    for pattern in scales:
+        if not any(re.search(pattern, name) for name, _ in trainable):
+            raise ValueError(f"optim.lr_scales: {pattern!r} matches no trainable parameter")
+
+    def scale_of(name: str) -> float:
+        return next((float(s) for pattern, s in scales.items() if re.search(pattern, name)), 1.0)
+
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in trainable:  # insertion order: unscaled weight matrices first, as the plain two groups were
+        groups.setdefault((scale_of(name), p.ndim > 1), []).append(p)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != 1.0, not item[0][1]))
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        | ({"lr_scale": scale} if scale != 1.0 else {})
+        for (scale, decays), params in ordered
     ]
-    return [g for g in groups if g["params"]]
 
 
 class ClassifierModule(L.LightningModule):
@@ -157,8 +173,9 @@ class ClassifierModule(L.LightningModule):
         mixup: Optional MixUp/CutMix factory (``timm.data.Mixup`` as a Hydra ``_partial_``), called with
             ``num_classes`` and ``label_smoothing=0`` (the loss applies ``label_smoothing`` to the mixed targets).
             Training batches of odd size (an epoch's last) stay unmixed: pairs are the batch and its reverse.
-        lora_b_lr_scale: Learning-rate multiplier of the LoRA ``B`` matrices (LoRA+); 1 trains every parameter
-            at the optimizer's learning rate. Needs trainable ``lora_B`` parameters and a ``LambdaLR`` schedule.
+        lr_scales: Learning-rate multipliers by parameter-name regex (:func:`parameter_groups`), e.g.
+            ``{"lora_B": 2}``; empty trains every parameter at the optimizer's learning rate. Needs a
+            ``LambdaLR`` schedule.
     """
 
     def __init__(
@@ -173,7 +190,7 @@ class ClassifierModule(L.LightningModule):
         freeze_bn_stats: bool = False,
         channels_last: bool = True,
         mixup: MixupFactory | None = None,
-        lora_b_lr_scale: float = 1.0,
+        lr_scales: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "mixup"])
@@ -182,7 +199,7 @@ class ClassifierModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.freeze_bn_stats = freeze_bn_stats
         self.weight_decay = weight_decay
-        self.lora_b_lr_scale = lora_b_lr_scale
+        self.lr_scales = dict(lr_scales or {})
         self.channels_last = channels_last
         weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         if weights is not None and weights.numel() != num_classes:
@@ -257,9 +274,7 @@ class ClassifierModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def configure_optimizers(self) -> Any:
-        groups = parameter_groups(self.net, self.weight_decay, self.lora_b_lr_scale)
-        if self.lora_b_lr_scale != 1.0 and not any("lr_scale" in g for g in groups):
-            raise ValueError(f"optim.lora_b_lr_scale={self.lora_b_lr_scale}, but no LoRA B matrix trains")
+        groups = parameter_groups(self.net, self.weight_decay, self.lr_scales)
         optimizer = self.optimizer_factory(groups)
         for group in optimizer.param_groups:
             group["lr"] *= group.get("lr_scale", 1.0)
@@ -271,7 +286,7 @@ class ClassifierModule(L.LightningModule):
         # scaling silently.
         if any("lr_scale" in g for g in optimizer.param_groups) and not isinstance(scheduler, LambdaLR):
             raise ValueError(
-                f"optim.lora_b_lr_scale needs a scheduler that scales each group's own learning rate "
+                f"optim.lr_scales needs a scheduler that scales each group's own learning rate "
                 f"(optim=adamw_cosine), not {type(scheduler).__name__}"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -235,7 +235,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
             freeze_bn_stats=cfg.model.freeze_bn_stats,
             channels_last=cfg.optim.channels_last,
             mixup=instantiate(cfg.optim.mixup) if cfg.optim.get("mixup") else None,
-            lora_b_lr_scale=cfg.optim.lora_b_lr_scale,
+            # A plain dict: the checkpoint stores it, and weights_only loading refuses a DictConfig.
+            lr_scales={str(key): float(scale) for key, scale in cfg.optim.lr_scales.items()},
         )
         history = TrainHistory()
         all_callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [
