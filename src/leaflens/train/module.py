@@ -147,8 +147,10 @@ def parameter_groups(
         return next((float(s) for pattern, s in scales.items() if re.search(pattern, name)), 1.0)
 
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, p in trainable:  # insertion order: unscaled weight matrices first, as the plain two groups were
+    for name, p in trainable:
         groups.setdefault((scale_of(name), p.ndim > 1), []).append(p)
+    # Unscaled groups first, weight matrices before the rest: without scales, the plain two groups in their old
+    # order, so earlier runs train (and resume) exactly as before.
     ordered = sorted(groups.items(), key=lambda item: (item[0][0] != 1.0, not item[0][1]))
     return [
         {"params": params, "weight_decay": weight_decay if decays else 0.0}
