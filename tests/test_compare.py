@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from math import comb
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from leaflens.evaluate.compare import paired_comparison
@@ -43,3 +47,55 @@ def test_rejects_arrays_that_do_not_pair_up() -> None:
         paired_comparison(np.ones(3, bool), np.ones(4, bool))
     with pytest.raises(ValueError, match="non-empty"):
         paired_comparison(np.ones(0, bool), np.ones(0, bool))
+
+
+def _write_cv_run(out: Path, predicted: list[int], labels: list[int]) -> Path:
+    """A scripts/cross_validate.py output directory: predictions split over two folds."""
+    half = len(labels) // 2
+    for fold, rows in enumerate((slice(0, half), slice(half, None))):
+        fold_dir = out / "plantvillage_mini" / f"fold_{fold}"
+        fold_dir.mkdir(parents=True)
+        paths = [f"img_{i}.jpg" for i in range(len(labels))][rows]
+        frame = pd.DataFrame({"path": paths, "label_id": labels[rows], "predicted_id": predicted[rows]})
+        frame.to_csv(fold_dir / "predictions.csv", index=False)
+    return out
+
+
+def _compare_cv(*runs: Path) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_cv.py"
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, runs)], capture_output=True, text=True, check=False
+    )
+
+
+def test_compare_cv_script_compares_each_pair_of_fold_sets_and_pools_them(tmp_path: Path) -> None:
+    labels = [0, 1, 2, 3] * 5
+
+    def wrong(right: list[int], flips: set[int]) -> list[int]:
+        return [(y + 1) % 4 if i in flips else y for i, y in enumerate(right)]
+
+    # Fold set 1: the change fixes images 0-3 and breaks image 10; fold set 2: fixes 5, breaks 6 and 7.
+    base_1 = _write_cv_run(tmp_path / "b1", wrong(labels, {0, 1, 2, 3}), labels)
+    change_1 = _write_cv_run(tmp_path / "c1", wrong(labels, {10}), labels)
+    base_2 = _write_cv_run(tmp_path / "b2", wrong(labels, {5}), labels)
+    change_2 = _write_cv_run(tmp_path / "c2", wrong(labels, {6, 7}), labels)
+
+    done = _compare_cv(base_1, change_1, base_2, change_2)
+
+    assert done.returncode == 0, done.stderr
+    pooled = done.stdout.split("== pooled over 2 pairs")[1]
+    assert "images: 40" in pooled
+    assert "b fixed 5, broke 3" in pooled
+    assert done.stdout.count("b fixed 4, broke 1") == 1 and done.stdout.count("b fixed 1, broke 2") == 1
+    assert "top-1 a: 87.50 %   b: 92.50 %" in pooled
+
+
+def test_compare_cv_script_refuses_unpaired_runs_and_different_images(tmp_path: Path) -> None:
+    labels = [0, 1] * 4
+    base = _write_cv_run(tmp_path / "base", labels, labels)
+    other = _write_cv_run(tmp_path / "other", labels[:6], labels[:6])
+
+    odd = _compare_cv(base)
+    assert odd.returncode != 0 and "pairs" in odd.stderr
+    mismatch = _compare_cv(base, other)
+    assert mismatch.returncode != 0 and "scored different images" in mismatch.stderr
