@@ -6,7 +6,8 @@ of the dataset is scored once, by a model trained without its leaf group: the fo
 never straddle train and held-out), stratified by class. Each fold trains the experiment as it is configured
 but on the other folds only, keeps its last epoch (nothing is chosen on the held-out fold, which the run still
 validates on for its curve), and predicts the held-out fold. Finished folds are kept, so an interrupted run
-resumes.
+resumes. ``--train-folds M`` trains each model on only M of the other folds: a point of the learning curve
+(every image is still scored once, by a model that saw M/k of the data), to tell what more data would buy.
 
     python scripts/cross_validate.py --processed <prepared dir> --experiments plantvillage_mini peft_lora \
         --strategy-epochs 8 data.raw_dir=<its raw folder>
@@ -36,7 +37,7 @@ from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
 from leaflens.config import load_config  # noqa: E402
 from leaflens.data.datamodule import PlantVillageDataModule  # noqa: E402
-from leaflens.data.split import group_kfold  # noqa: E402
+from leaflens.data.split import group_kfold, training_folds  # noqa: E402
 from leaflens.export.onnx import LogitsAndEmbedding  # noqa: E402
 from leaflens.train.checkpoint import load_run  # noqa: E402
 from leaflens.train.run import train  # noqa: E402
@@ -46,12 +47,18 @@ RECIPE = "plantvillage_mini"
 
 
 def write_fold_data(
-    processed: Path, manifest: pd.DataFrame, fold_ids: list[int], fold: int, out: Path
+    processed: Path,
+    manifest: pd.DataFrame,
+    fold_ids: list[int],
+    fold: int,
+    train_folds: list[int],
+    out: Path,
 ) -> Path:
-    """A prepared-dataset directory whose ``val`` split is the held-out fold and ``train`` the rest."""
+    """A prepared-dataset directory whose ``val`` split is the held-out fold and ``train`` the training folds
+    (images of any other fold are left out)."""
     out.mkdir(parents=True, exist_ok=True)
-    fold_manifest = manifest.copy()
-    fold_manifest["split"] = ["val" if f == fold else "train" for f in fold_ids]
+    split_of = {fold: "val", **{f: "train" for f in train_folds}}
+    fold_manifest = manifest.assign(split=[split_of.get(f) for f in fold_ids]).dropna(subset=["split"])
     fold_manifest.to_csv(out / "manifest.csv", index=False)
     shutil.copy(processed / "classes.json", out / "classes.json")
     stats = json.loads((processed / "stats.json").read_text())
@@ -79,11 +86,26 @@ def predict_held_out(run_dir: Path, fold_data: Path) -> pd.DataFrame:
     return frame
 
 
-def run_fold(experiment: str, fold: int, fold_data: Path, fold_dir: Path, overrides: list[str]) -> dict:
-    """Train one fold (or reuse a finished one) and return its row."""
+def run_fold(
+    experiment: str,
+    fold: int,
+    folds: int,
+    train_folds: list[int],
+    fold_data: Path,
+    fold_dir: Path,
+    overrides: list[str],
+) -> dict:
+    """Train one fold (or reuse a finished one trained on the same folds) and return its row."""
     summary_path = fold_dir / "fold.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+        row = json.loads(summary_path.read_text())
+        # Rows written before --train-folds existed trained on all the other folds.
+        done_on = row.get("train_folds", training_folds(fold, folds))
+        if done_on != train_folds:
+            raise SystemExit(
+                f"{fold_dir} was trained on folds {done_on}, not {train_folds}: give this run another --out"
+            )
+        return row
     run_dir = fold_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted fold starts again
     cfg = load_config(
@@ -112,6 +134,7 @@ def run_fold(experiment: str, fold: int, fold_data: Path, fold_dir: Path, overri
         "strategy": trainable["strategy"],
         "percent": trainable["percent"],
         "epochs": cfg.trainer.max_epochs,
+        "train_folds": train_folds,
         "train_images": len(pd.read_csv(fold_data / "manifest.csv").query("split == 'train'")),
         "held_out_images": len(predictions),
         "top1": accuracy_score(predictions["label_id"], predictions["predicted_id"]),
@@ -160,9 +183,12 @@ def write_report(summaries: list[dict], args: argparse.Namespace) -> None:
         )
     command = " ".join(
         ["python scripts/cross_validate.py --processed <prepared dir>", f"--folds {args.folds}"]
+        + ([f"--seed {args.seed}"] if args.seed != 42 else [])
+        + ([f"--train-folds {args.train_folds}"] if args.train_folds else [])
         + ([f"--strategy-epochs {args.strategy_epochs}"] if args.strategy_epochs else [])
         + args.overrides
     )
+    trained_on = f"{args.train_folds} of the other folds" if args.train_folds else "the other folds"
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(
         "\n".join(
@@ -170,7 +196,7 @@ def write_report(summaries: list[dict], args: argparse.Namespace) -> None:
                 "# Cross-validation on leaf groups",
                 "",
                 f"Produced by `{command}` on a {os.cpu_count()}-core machine. Each image is scored once, by the "
-                "last epoch of a model trained on the other folds (whole leaf groups, stratified by class); "
+                f"last epoch of a model trained on {trained_on} (whole leaf groups, stratified by class); "
                 "top-1 and macro-F1 pool all scored images.",
                 "",
                 *lines,
@@ -185,6 +211,12 @@ def main() -> None:
     parser.add_argument("--processed", type=Path, required=True, help="prepared data.processed_dir")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42, help="fold assignment seed")
+    parser.add_argument(
+        "--train-folds",
+        type=int,
+        default=None,
+        help="train each model on this many of the other folds (a learning-curve point; default: all of them)",
+    )
     parser.add_argument("--experiments", nargs="+", default=[RECIPE])
     parser.add_argument(
         "--strategy-epochs",
@@ -211,10 +243,19 @@ def main() -> None:
         )
         rows = []
         for fold in range(args.folds):
+            train_folds = training_folds(fold, args.folds, args.train_folds)
             fold_data = write_fold_data(
-                args.processed, manifest, fold_ids, fold, args.out / "data" / f"fold_{fold}"
+                args.processed, manifest, fold_ids, fold, train_folds, args.out / "data" / f"fold_{fold}"
             )
-            row = run_fold(experiment, fold, fold_data, exp_dir / f"fold_{fold}", [*args.overrides, *epochs])
+            row = run_fold(
+                experiment,
+                fold,
+                args.folds,
+                train_folds,
+                fold_data,
+                exp_dir / f"fold_{fold}",
+                [*args.overrides, *epochs],
+            )
             print(json.dumps(row), flush=True)
             rows.append(row)
         summaries.append(summarise(experiment, rows, exp_dir))

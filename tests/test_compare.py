@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from math import comb
@@ -98,4 +99,60 @@ def test_compare_cv_script_refuses_unpaired_runs_and_different_images(tmp_path: 
     odd = _compare_cv(base)
     assert odd.returncode != 0 and "pairs" in odd.stderr
     mismatch = _compare_cv(base, other)
+    assert mismatch.returncode != 0 and "scored different images" in mismatch.stderr
+
+
+def _write_curve_run(out: Path, train_images: int, wrong: int, images: int = 400) -> Path:
+    """A cross_validate.py output of two folds whose models trained on ``train_images`` and got ``wrong`` of
+    ``images`` wrong (each image its own leaf group)."""
+    labels = [i % 4 for i in range(images)]
+    predicted = [(y + 1) % 4 if i < wrong else y for i, y in enumerate(labels)]
+    for fold, rows in enumerate((slice(0, images // 2), slice(images // 2, None))):
+        fold_dir = out / "plantvillage_mini" / f"fold_{fold}"
+        fold_dir.mkdir(parents=True)
+        frame = pd.DataFrame(
+            {
+                "path": [f"img_{i}.jpg" for i in range(images)][rows],
+                "group": [f"leaf_{i}" for i in range(images)][rows],
+                "label_id": labels[rows],
+                "predicted_id": predicted[rows],
+            }
+        )
+        frame.to_csv(fold_dir / "predictions.csv", index=False)
+        (fold_dir / "fold.json").write_text(json.dumps({"fold": fold, "train_images": train_images}))
+    return out
+
+
+def _learning_curve(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "learning_curve.py"
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, check=False
+    )
+
+
+def test_learning_curve_script_fits_the_power_law_and_extrapolates_it(tmp_path: Path) -> None:
+    # Error halves each time the training set doubles: 8 %, 4 %, 2 % = 80 * n^-1.
+    runs = [
+        _write_curve_run(tmp_path / f"m{n}", train_images=n, wrong=wrong)
+        for n, wrong in ((1000, 32), (2000, 16), (4000, 8))
+    ]
+
+    done = _learning_curve(*runs, "--at", "8000", "--target", "99.5")
+
+    assert done.returncode == 0, done.stderr
+    assert "images scored by every run: 400 in 400 leaf groups" in done.stdout
+    assert "trained on 2,000 images, top-1 96.00 % (16 wrong)" in done.stdout
+    assert "fit: error = 80 * n^-1.000" in done.stdout
+    assert "predicted top-1 at 8,000 training images: 99.00 %" in done.stdout
+    assert "training images for top-1 99.5 %: 16,000" in done.stdout
+
+
+def test_learning_curve_script_refuses_one_training_size_and_different_images(tmp_path: Path) -> None:
+    a = _write_curve_run(tmp_path / "a", train_images=1000, wrong=10)
+    same_size = _write_curve_run(tmp_path / "b", train_images=1000, wrong=5)
+    fewer_images = _write_curve_run(tmp_path / "c", train_images=2000, wrong=5, images=300)
+
+    one_size = _learning_curve(a, same_size)
+    assert one_size.returncode != 0 and "at least two different amounts" in one_size.stderr
+    mismatch = _learning_curve(a, fewer_images)
     assert mismatch.returncode != 0 and "scored different images" in mismatch.stderr

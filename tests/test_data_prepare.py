@@ -20,7 +20,7 @@ from leaflens.data.dedup import near_duplicate_pairs, parse_series, series_runs
 from leaflens.data.download import download
 from leaflens.data.prepare import load_manifest, prepare, write_cache
 from leaflens.data.scan import scan_class_folders
-from leaflens.data.split import group_kfold, split_groups
+from leaflens.data.split import group_kfold, split_groups, training_folds
 from leaflens.data.taxonomy import load_classes
 from leaflens.images import decode_image
 
@@ -271,6 +271,19 @@ def test_group_kfold_scores_every_item_once_without_splitting_a_leaf() -> None:
     assert group_kfold(labels, groups, folds=5, seed=0) == folds
     with pytest.raises(ValueError, match="folds must be between 2"):
         group_kfold(labels, groups, folds=1, seed=0)
+
+
+def test_training_folds_of_a_learning_curve_use_each_fold_equally_and_never_the_held_out_one() -> None:
+    assert training_folds(2, 5) == [3, 4, 0, 1]
+    for count in (1, 2, 3, 4):
+        chosen = [training_folds(held_out, 5, count) for held_out in range(5)]
+        assert all(len(c) == len(set(c)) == count and h not in c for h, c in enumerate(chosen))
+        # Every fold trains `count` of the 5 models, so no fold's leaves weigh more in the curve.
+        assert sorted(f for c in chosen for f in c) == sorted(list(range(5)) * count)
+    with pytest.raises(ValueError, match="count must be between 1 and 4"):
+        training_folds(0, 5, 5)
+    with pytest.raises(ValueError, match="held_out must be between 0 and 4"):
+        training_folds(5, 5)
 
 
 def test_prepared_sample_has_every_class_in_every_split(prepared_root: Path) -> None:

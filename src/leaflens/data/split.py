@@ -122,3 +122,19 @@ def group_kfold(labels: Sequence[str], groups: Sequence[str], folds: int, seed: 
         for item in held_out:
             assignment[item] = fold
     return assignment
+
+
+def training_folds(held_out: int, folds: int, count: int | None = None) -> list[int]:
+    """The folds a cross-validation model trains on when ``held_out`` is scored.
+
+    By default all the other folds. With ``count`` (1 .. folds-1), the ``count`` folds that follow ``held_out``
+    (wrapping round), so every fold trains the same number of models: the points of a learning curve whose
+    training sets are whole, stratified leaf groups like the full one, and whose every image is still scored
+    once (by a model trained on ``count / folds`` of the data).
+    """
+    if not 0 <= held_out < folds:
+        raise ValueError(f"held_out must be between 0 and {folds - 1}, got {held_out}")
+    count = folds - 1 if count is None else count
+    if not 1 <= count <= folds - 1:
+        raise ValueError(f"count must be between 1 and {folds - 1} (the other folds), got {count}")
+    return [(held_out + step) % folds for step in range(1, count + 1)]
