@@ -3,7 +3,7 @@
 Each directory is a scripts/cross_validate.py output on the same prepared data, e.g. the recipe trained on 2, 3
 and all 4 other folds of 5 (``--train-folds``), on one or more fold seeds:
 
-    python scripts/learning_curve.py cv_m2 cv_m3 cv_m4 --at 2721 3202 --target 97.5
+    python scripts/learning_curve.py cv_m2 cv_m3 cv_m4 --at 2724 3202 --target 97.5
 
 Every run must have scored the same images. The script fits a power law, error = a * n^-b, to the pooled top-1
 error of each run against n, the mean number of training images of its models (least squares on the logarithms),

@@ -9,7 +9,7 @@ of one-photo and many-photo leaves. (Handing each group to the split with the la
 instead sends every large group to train first and leaves val and test mostly single-photo leaves, which are
 harder to classify, so their scores would not represent the data.) A class with at least three groups always
 gets at least one group in each split.
-``group_kfold`` cuts the same kind of folds for cross-validation.
+``group_kfold`` cuts the same kind of folds for cross-validation, and ``training_folds`` names those a model trains on.
 """
 
 from __future__ import annotations
