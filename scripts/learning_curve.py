@@ -97,10 +97,11 @@ def main() -> None:
         print(f"{run}: trained on {n:,.0f} images, top-1 {100 * (1 - error):.2f} % ({int(count)} wrong)")
     a, b = fit_power_law(sizes, errors)
 
-    # The same resampled leaf groups for every run, so the runs stay paired as they were scored.
+    # The same resampled leaf groups for every run, so the runs stay paired as they were scored. A resample is
+    # the number of times it draws each group, so it costs one row per resample, not one per resample and run.
     rng = np.random.default_rng(0)
-    draws = rng.integers(len(images), size=(RESAMPLES, len(images)))
-    boot_errors = wrong[draws].sum(axis=1) / images[draws].sum(axis=1)[:, None]
+    times_drawn = rng.multinomial(len(images), np.full(len(images), 1 / len(images)), size=RESAMPLES)
+    boot_errors = (times_drawn @ wrong) / (times_drawn @ images)[:, None]
     # A resample in which a run made no error has no logarithm; half an error stands in for it.
     boot_errors = np.maximum(boot_errors, 0.5 / images.sum())
     boot = [fit_power_law(sizes, e) for e in boot_errors]
