@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from leaflens.cli import app
+from leaflens.malloc import MALLOC_ENV
 
 runner = CliRunner()
 
@@ -60,3 +65,33 @@ def test_drift_without_package_names_the_fix() -> None:
     result = runner.invoke(app, ["drift"])
     assert result.exit_code != 0
     assert "package=" in str(result.exception)
+
+
+def _without_malloc_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    return {**env, **extra}
+
+
+def test_training_commands_run_with_the_malloc_settings_and_keep_the_users() -> None:
+    # A training command re-executes itself with every setting; one the user exported is kept.
+    show = "import os; print(os.environ['MALLOC_TOP_PAD_'], os.environ['MALLOC_TRIM_THRESHOLD_'])"
+    code = f"from leaflens.malloc import reexec_with_malloc_env; reexec_with_malloc_env(['-c', {show!r}])"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_without_malloc_env(MALLOC_TOP_PAD_="12345"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == ["12345", MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]]
+    # The console script does so for `train` (here its help, which trains nothing) and stays a plain process for
+    # the others.
+    leaflens = Path(sys.executable).with_name("leaflens")
+    for command, reexecs in ((["train", "--help"], True), (["predict", "--help"], False)):
+        env = _without_malloc_env(PYTHONPROFILEIMPORTTIME="1")
+        result = subprocess.run(
+            [str(leaflens), *command], env=env, capture_output=True, text=True, check=True
+        )
+        # Python prints its import-time table once per process start: twice when the command re-executed.
+        starts = result.stderr.count("import time: self [us]")
+        assert starts == (2 if reexecs else 1), (command, starts)

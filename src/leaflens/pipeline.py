@@ -5,8 +5,56 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from leaflens.config import load_config
 from leaflens.logs import logger
+
+
+def prepare_for_training(cfg: DictConfig, fetch: bool) -> Path:
+    """Bring ``data.processed_dir`` up to date with the config before a run trains on it; returns it.
+
+    ``data.source`` is fetched when ``fetch`` is set (the user named it) or ``data.raw_dir`` does not exist yet;
+    the data is prepared again when the fetch brought other images, or when the prepared directory is missing or
+    was prepared with other settings (e.g. an experiment's own split fractions), and left alone otherwise. A
+    prepared directory that records no settings (made by hand) is used as it is unless ``fetch`` is set.
+    """
+    from leaflens.data.download import download, read_marker
+    from leaflens.data.prepare import changed_settings, prepare, recorded_settings
+
+    data = cfg.data
+    processed_dir = Path(data.processed_dir)
+    recorded = recorded_settings(processed_dir)
+    if recorded == {} and not fetch:
+        logger.warning(
+            "{} records no preparation settings (prepared by hand or by an older leaflens): training on it as "
+            "it is; `leaflens data prepare` with this run's overrides prepares it again",
+            processed_dir,
+        )
+        return processed_dir
+    fetched = False
+    if fetch or not Path(data.raw_dir).is_dir():
+        before = read_marker(data.raw_dir) if Path(data.raw_dir).is_dir() else None
+        download(cfg)
+        fetched = read_marker(data.raw_dir) != before
+    if recorded is None:
+        reason = "nothing is prepared there yet"
+    elif fetched:
+        reason = f"{data.raw_dir} now holds {data.source}"
+    elif not recorded:
+        reason = "it records no preparation settings"
+    else:
+        changed = changed_settings(recorded, data)
+        if not changed:
+            logger.info("{} is up to date with the config; not preparing it again", processed_dir)
+            return processed_dir
+        # The taxonomy is a list of 38 names: name it rather than print both.
+        reason = "it was prepared with other settings: " + "; ".join(
+            "taxonomy changed" if key == "taxonomy" else f"{key} {old} -> {new}"
+            for key, (old, new) in changed.items()
+        )
+    logger.info("Preparing {} ({})", processed_dir, reason)
+    return prepare(cfg)
 
 
 def run_pipeline(overrides: Sequence[str] = ()) -> Path:

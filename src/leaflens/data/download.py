@@ -62,8 +62,9 @@ def _folder_fingerprint(folder: Path) -> dict[str, int]:
     return {"files": count, "bytes": size, "newest_mtime": newest}
 
 
-def _read_marker(raw_dir: Path) -> dict[str, Any] | None:
-    marker = raw_dir / MARKER
+def read_marker(raw_dir: str | Path) -> dict[str, Any] | None:
+    """The source ``download`` last put into ``raw_dir`` (``None`` when it did not fill it)."""
+    marker = Path(raw_dir) / MARKER
     if not marker.is_file():
         return None
     return json.loads(marker.read_text())
@@ -235,7 +236,7 @@ def download(cfg: DictConfig) -> Path:
     if spec["kind"] == "folder" and Path(spec["source"]) == raw_dir:
         logger.info("data.source is data.raw_dir ({}); nothing to fetch", raw_dir)
         return raw_dir
-    marker = _read_marker(raw_dir)
+    marker = read_marker(raw_dir)
     if marker is not None and marker == spec:
         logger.info("{} already holds {}; nothing to do", raw_dir, spec["source"])
         return raw_dir

@@ -4,7 +4,8 @@ Writes into ``data.processed_dir``:
 
 - ``manifest.csv``: path (relative to ``data.raw_dir``), label, label_id, split, sha256, group, width, height;
 - ``classes.json``: the full taxonomy (see :mod:`leaflens.data.taxonomy`);
-- ``stats.json``: counts per class and split, train mean/std, rejections, dedup/grouping report;
+- ``stats.json``: counts per class and split, train mean/std, rejections, dedup/grouping report, and the
+  settings it was prepared with (:func:`preparation_settings`, compared by :func:`changed_settings`);
 - ``rejected.json`` (every file left out, with its reason) and ``report.md`` (the same, readable);
 - ``cache/<sha256>.npy`` (optional, ``data.cache.enabled``): images resized to ``data.cache.size``.
 """
@@ -21,9 +22,10 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from leaflens import __version__
 from leaflens.data.dedup import group_leaves
 from leaflens.data.scan import ImageRecord, Rejection, list_files, scan_class_folders, validate_files
 from leaflens.data.split import SPLITS, split_groups
@@ -37,6 +39,36 @@ REJECTED = "rejected.json"
 REPORT = "report.md"
 CACHE = "cache"
 COLUMNS = ["path", "label", "label_id", "split", "sha256", "group", "width", "height"]
+# The data settings a prepared directory depends on (besides the raw images): what is kept, how leaves are
+# grouped and split, the class list and the resized cache.
+SETTINGS = ("variant", "min_size", "max_pixels", "dedup", "split", "taxonomy", "cache")
+
+
+def preparation_settings(data: DictConfig) -> dict[str, Any]:
+    """The ``data`` settings (and leaflens version) that decide what ``prepare`` writes, as JSON values.
+
+    Recorded in ``stats.json``; paths are left out so that the record is the same wherever the data lives.
+    """
+    settings = {
+        key: OmegaConf.to_container(data[key], resolve=True) if OmegaConf.is_config(data[key]) else data[key]
+        for key in SETTINGS
+    }
+    return json.loads(json.dumps({"leaflens": __version__, **settings}))
+
+
+def recorded_settings(processed_dir: str | Path) -> dict[str, Any] | None:
+    """The settings ``processed_dir`` was prepared with: ``None`` when it holds no prepared data, ``{}`` when it
+    records none (prepared by hand, or by a leaflens from before they were recorded)."""
+    processed_dir = Path(processed_dir)
+    if not (processed_dir / MANIFEST).is_file() or not (processed_dir / STATS).is_file():
+        return None
+    return dict(json.loads((processed_dir / STATS).read_text(encoding="utf-8")).get("settings") or {})
+
+
+def changed_settings(recorded: dict[str, Any], data: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (recorded, configured)}`` for every preparation setting that differs from ``data``'s."""
+    current = preparation_settings(data)
+    return {key: (recorded.get(key), value) for key, value in current.items() if recorded.get(key) != value}
 
 
 def _train_mean_std(records: Sequence[ImageRecord]) -> tuple[list[float], list[float]]:
@@ -176,6 +208,7 @@ def prepare(cfg: DictConfig) -> Path:
         "variant": str(data.variant),
         "seed": int(data.split.seed),
         "split_fractions": {"val": float(data.split.val), "test": float(data.split.test)},
+        "settings": preparation_settings(data),
         "files_scanned": len(files),
         "images": len(manifest),
         "splits": {s: int((manifest["split"] == s).sum()) for s in SPLITS},
