@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _malloc import reexec_with_malloc_env
+from leaflens.malloc import reexec_with_malloc_env
 
 reexec_with_malloc_env()
 

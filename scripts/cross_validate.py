@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _malloc import reexec_with_malloc_env
+from leaflens.malloc import reexec_with_malloc_env
 
 reexec_with_malloc_env()
 

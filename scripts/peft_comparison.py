@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from _malloc import reexec_with_malloc_env
+from leaflens.malloc import reexec_with_malloc_env
 
 reexec_with_malloc_env()
 

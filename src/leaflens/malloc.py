@@ -1,8 +1,8 @@
 """glibc malloc settings for training processes.
 
 With glibc's defaults a training process hands the memory of every step's activations back to the OS and
-page-faults it back in on the next step: the recipe's refit on plantvillage-mini took 674 s instead of ~400 s on a
-2-core machine (reports/benchmarks.md; BASELINES.md). malloc reads these variables once, at process start, so a
+page-faults it back in on the next step: the recipe's refit on plantvillage-mini trained for 674 s instead of 442 s
+on a 2-core machine (reports/profiling.md, finding 4). malloc reads these variables once, at process start, so a
 command that trains re-executes itself with them (:func:`reexec_with_malloc_env`); the Makefile, ``tasks.py`` and
 the training image set them too. Settings a user has exported are kept.
 """

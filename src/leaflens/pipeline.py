@@ -34,7 +34,7 @@ def prepare_for_training(cfg: DictConfig, fetch: bool) -> Path:
         return processed_dir
     fetched = False
     if fetch or not Path(data.raw_dir).is_dir():
-        before = read_marker(data.raw_dir) if Path(data.raw_dir).is_dir() else None
+        before = read_marker(data.raw_dir)
         download(cfg)
         fetched = read_marker(data.raw_dir) != before
     if recorded is None:
