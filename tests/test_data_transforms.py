@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE_DIR
-from leaflens.data.transforms import eval_transform, normalize_batch, train_transform
+from leaflens.data.transforms import eval_transform, normalize_batch, shrink_batch, train_transform
 from leaflens.images import decode_image
 from leaflens.preprocessing import preprocess, spec_from_data_config
 
@@ -121,3 +121,11 @@ def test_random_erasing_replaces_one_patch_and_is_absent_when_off(data_config: d
     rows, cols = np.nonzero(changed)
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     assert changed.sum() / box > 0.99
+
+
+def test_shrink_batch_scales_the_longer_side_and_keeps_the_mean() -> None:
+    images = torch.randn(2, 3, 200, 100)
+    small = shrink_batch(images, 100)
+    assert small.shape == (2, 3, 100, 50)
+    # An antialiased 2x reduction averages neighbourhoods: per-image means barely move.
+    torch.testing.assert_close(small.mean((1, 2, 3)), images.mean((1, 2, 3)), atol=2e-2, rtol=0)

@@ -148,3 +148,74 @@ def test_refit_on_val_trains_on_train_and_val_but_never_test(prepared_root: Path
 def test_training_on_test_is_refused(prepared_root: Path, data_config: dict) -> None:
     with pytest.raises(ValueError, match="never test"):
         _dm(prepared_root / "processed", data_config, train_splits=["train", "test"])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_low_res_epochs_train_on_shrunk_batches_and_validate_at_full_size(
+    prepared_root: Path, data_config: dict, augment: dict
+) -> None:
+    """Progressive resizing: the first `low_res_epochs` epochs' training batches are shrunk to `low_res_size`;
+    later epochs and every validation batch keep the model's input size."""
+    import lightning as L
+
+    class ShapeRecorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 4, 3),
+                torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten(),
+                torch.nn.Linear(4, 38),
+            )
+            self.seen: list[tuple[str, int, tuple[int, ...]]] = []
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            images, labels = batch
+            assert torch.isfinite(images).all()
+            self.seen.append(("train", self.current_epoch, tuple(images.shape[1:])))
+            return torch.nn.functional.cross_entropy(self.net(images), labels)
+
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+            self.seen.append(("val", self.current_epoch, tuple(batch[0].shape[1:])))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    full = tuple(data_config["input_size"])
+    dm = _dm(
+        prepared_root / "processed", data_config, augment=augment | {"low_res_epochs": 2, "low_res_size": 160}
+    )
+    recorder = ShapeRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(recorder, datamodule=dm)
+    low = (3, 160, 160 * full[2] // full[1])
+    assert recorder.seen == [
+        *[("train", 0, low)] * 2,
+        ("val", 0, full),
+        *[("train", 1, low)] * 2,
+        ("val", 1, full),
+        *[("train", 2, full)] * 2,
+        ("val", 2, full),
+    ]
+
+
+def test_a_low_res_size_not_under_the_input_size_is_refused(
+    prepared_root: Path, data_config: dict, augment: dict
+) -> None:
+    side = max(data_config["input_size"][1:])
+    with pytest.raises(ValueError, match="low_res_size"):
+        _dm(
+            prepared_root / "processed",
+            data_config,
+            augment=augment | {"low_res_epochs": 1, "low_res_size": side},
+        )

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from leaflens.data.dataset import ManifestDataset, preload_images, seed_worker_transform
 from leaflens.data.prepare import load_manifest
 from leaflens.data.taxonomy import load_classes
-from leaflens.data.transforms import eval_transform, normalize_batch, train_transform
+from leaflens.data.transforms import eval_transform, normalize_batch, shrink_batch, train_transform
 from leaflens.logs import logger
 from leaflens.preprocessing import spec_from_data_config
 
@@ -40,7 +40,8 @@ class PlantVillageDataModule(L.LightningDataModule):
         pin_memory: Pin batches in page-locked memory (useful with a GPU only).
         persistent_workers: Keep workers alive between epochs (ignored with 0 workers).
         balanced_sampling: Draw training images with probability inversely proportional to their class count.
-        augment: ``data.augment`` settings; ``None`` disables augmentation.
+        augment: ``data.augment`` settings; ``None`` disables augmentation. Its ``low_res_epochs`` first epochs
+            train on batches shrunk to ``low_res_size`` px (progressive resizing; validation stays full size).
         cache_dir: The resized ``.npy`` cache written by ``data prepare`` (``data.cache``), if any.
         memory_cache: Decode every image of the used splits once into RAM (uint8, larger photos shrunk to what
             the split's transform needs: see ``_cached_short_side``), so epochs skip JPEG decoding. ~200 KB per
@@ -75,6 +76,14 @@ class PlantVillageDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_cache = bool(memory_cache)
         self.train_splits = tuple(train_splits)
+        # Absent from the augment settings of runs made before progressive resizing existed: none then.
+        self.low_res_epochs = int((self.augment or {}).get("low_res_epochs", 0))
+        self.low_res_size = int((self.augment or {}).get("low_res_size", 0))
+        if self.low_res_epochs > 0 and not 0 < self.low_res_size < max(self.data_config["input_size"][1:]):
+            raise ValueError(
+                f"data.augment.low_res_size must be between 0 and the input size "
+                f"{list(self.data_config['input_size'][1:])}, got {self.low_res_size}"
+            )
         if not self.train_splits or "test" in self.train_splits:
             raise ValueError(
                 f"train_splits must name train and/or val, never test: {list(self.train_splits)}"
@@ -121,8 +130,15 @@ class PlantVillageDataModule(L.LightningDataModule):
         return normalize_batch(images, self.data_config["mean"], self.data_config["std"])
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images, labels = batch
-        return self.normalize(images), labels
+        images, labels = self.normalize(batch[0]), batch[1]
+        if self.trains_at_low_res():
+            images = shrink_batch(images, self.low_res_size)
+        return images, labels
+
+    def trains_at_low_res(self) -> bool:
+        """Whether the batch being transferred is a training batch of one of the ``low_res_epochs``."""
+        trainer = self.trainer
+        return trainer is not None and trainer.training and trainer.current_epoch < self.low_res_epochs
 
     def _dataset(self, split: str) -> ManifestDataset:
         rows = self.split_frame(split)

@@ -48,6 +48,20 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
     return torch.addcmul(shift, images.float(), scale).permute(0, 3, 1, 2)
 
 
+def shrink_batch(images: torch.Tensor, side: int) -> torch.Tensor:
+    """A normalised ``(B, 3, H, W)`` batch resized so that its longer side is ``side`` (bilinear, antialiased).
+
+    Progressive resizing (``data.augment.low_res_epochs``): the crop is augmented at the input size and shrunk
+    here, on the training device, so the loaders and their memory cache do not change between epochs.
+    """
+    height, width = images.shape[-2:]
+    scale = side / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return torch.nn.functional.interpolate(
+        images, size=size, mode="bilinear", antialias=True, align_corners=False
+    )
+
+
 def eval_transform(data_config: Mapping[str, Any], normalize: bool = True) -> A.Compose:
     """Resize the shorter side to ``input / crop_pct``, centre-crop to the input, normalise, to tensor.
 
