@@ -159,8 +159,8 @@ def one_round(cfg: DictConfig, processed: Path, warmup: int, steps: int) -> dict
     net = create_backbone(cfg, num_classes)
     data_config = resolve_data_config({}, model=net)
     net = instantiate(cfg.peft)(net)
-    # Both loops step full-size batches: the fit's first epoch would otherwise train at the recipe's low
-    # progressive-resizing size while the model-only loop does not, which flatters the ratio.
+    # Both loops step full-size batches: with progressive resizing on, the fit's first epoch would train on
+    # shrunk batches while the model-only loop does not, which flatters the ratio.
     cfg.data.augment.low_res_epochs = 0
     dm = datamodule_from_config(cfg.data, data_config)
     module = ClassifierModule(

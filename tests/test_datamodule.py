@@ -182,6 +182,7 @@ def test_low_res_epochs_train_on_shrunk_batches_and_validate_at_full_size(
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     full = tuple(data_config["input_size"])
+    assert full[1] == full[2], "the configured input is square; shrink_batch scales its longer side"
     dm = _dm(
         prepared_root / "processed", data_config, augment=augment | {"low_res_epochs": 2, "low_res_size": 160}
     )
@@ -198,7 +199,6 @@ def test_low_res_epochs_train_on_shrunk_batches_and_validate_at_full_size(
         enable_model_summary=False,
     )
     trainer.fit(recorder, datamodule=dm)
-    assert full[1] == full[2], "the configured input is square; shrink_batch scales its longer side"
     low = (3, 160, 160)
     assert recorder.seen == [
         *[("train", 0, low)] * 2,
