@@ -101,12 +101,13 @@ def test_test_time_flips_average_the_four_views_in_torch_and_onnx(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_a_run_with_test_time_flips_exports_them(
+def test_a_run_with_test_time_flips_and_a_dilated_last_stage_exports_both(
     tmp_path: Path, prepared_root: Path, trained_run: Path
 ) -> None:
     import torch
     from omegaconf import OmegaConf
 
+    from leaflens.explain import load_package_model
     from leaflens.export.onnx import four_flips
     from leaflens.export.run import export
     from leaflens.train.checkpoint import load_run
@@ -114,19 +115,24 @@ def test_a_run_with_test_time_flips_exports_them(
     run = shutil.copytree(trained_run, tmp_path / "run")
     cfg = OmegaConf.load(run / "config.yaml")
     cfg.model.test_time_flips = True
+    cfg.model.output_stride = 16  # same weights, another network: export must record it
     OmegaConf.save(cfg, run / "config.yaml")
     package = export(
         compose(*data_overrides(prepared_root), f"run={run}", "export.reference_images=8",
                 f"paths.output_dir={tmp_path / 'package'}", task_name="export")
     )  # fmt: skip
-    assert json.loads((package / "model.json").read_text())["test_time_flips"] is True
+    info = json.loads((package / "model.json").read_text())
+    assert info["test_time_flips"] is True and info["output_stride"] == 16
     engine = InferenceEngine.from_package(package)
-    batch = preprocess_batch(_sample_images(4), engine.spec)
-    logits, _ = engine.infer(batch)
+    batch = torch.from_numpy(preprocess_batch(_sample_images(4), engine.spec))
+    logits, _ = engine.infer(batch.numpy())
     model = load_run(run).model
     with torch.no_grad():
-        views = model(four_flips(torch.from_numpy(batch))).reshape(4, len(batch), -1)
+        assert model.forward_features(batch).shape[-1] == -(-batch.shape[-1] // 16)  # "same" padding: ceil
+        views = model(four_flips(batch)).reshape(4, len(batch), -1)
+        rebuilt = load_package_model(package)(batch)  # Grad-CAM's network: the dilated one, one view
     np.testing.assert_allclose(logits, views.mean(dim=0).numpy(), atol=1e-4)
+    np.testing.assert_allclose(rebuilt.numpy(), views[0].numpy(), atol=1e-4)
 
 
 def test_gradcam_overlay_from_the_package(model_package: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import timm
 import torch
 
 from leaflens.logs import logger
@@ -85,6 +86,36 @@ def test_random_init_only_when_asked(bundled_state: dict[str, torch.Tensor]) -> 
     finally:
         logger.remove(sink)
     assert not torch.equal(model.state_dict()["conv_stem.weight"], bundled_state["conv_stem.weight"].float())
+
+
+@pytest.mark.parametrize(("arch", "output_stride"), [(ARCH, 16), ("mobilenetv3_small_100", 8)])
+def test_output_stride_matches_timms_own_dilated_builder(arch: str, output_stride: int) -> None:
+    """The dilated classifier computes what timm's feature extractor built with that output stride computes."""
+    model = create_model(
+        arch, num_classes=5, pretrained=False, checkpoint_follows=True, output_stride=output_stride
+    )
+    reference = timm.create_model(arch, features_only=True, output_stride=output_stride, pretrained=False)
+    # Same weights in both (the extractor has no head): the conversion changes strides and dilations, no tensor.
+    reference.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith(("conv_head", "classifier"))}
+    )
+    model.eval()
+    reference.eval()
+    photos = torch.rand(2, 3, 160, 160)
+    features = model.forward_features(photos)
+    assert features.shape[-2:] == (160 // output_stride, 160 // output_stride)
+    torch.testing.assert_close(features, reference(photos)[-1], rtol=0, atol=0)
+    plain = create_model(arch, num_classes=5, pretrained=False, checkpoint_follows=True)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    logits = model(photos)
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+def test_output_stride_refuses_what_it_cannot_convert() -> None:
+    with pytest.raises(ValueError, match="8, 16 or 32"):
+        create_model(ARCH, num_classes=5, pretrained=False, output_stride=4)
+    with pytest.raises(ValueError, match="EfficientNet-family"):
+        create_model("resnet10t", num_classes=5, pretrained=False, output_stride=16)
 
 
 def _closed_port() -> int:

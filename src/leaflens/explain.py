@@ -118,6 +118,7 @@ def load_package_model(package_dir: str | Path) -> nn.Module:
     import timm
     from safetensors.torch import load_file
 
+    from leaflens.model.factory import dilate_to_output_stride
     from leaflens.serving.package import PackageError, load_package
 
     package = load_package(package_dir)
@@ -128,6 +129,7 @@ def load_package_model(package_dir: str | Path) -> nn.Module:
     model = timm.create_model(
         info["arch"], pretrained=False, num_classes=int(info["num_classes"]), exportable=True
     )
+    dilate_to_output_stride(model, int(info.get("output_stride", 32)))
     model.load_state_dict(load_file(str(weights)))
     return model.eval()
 

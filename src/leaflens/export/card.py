@@ -60,6 +60,14 @@ def model_card(
         "one view)."
         if info.get("test_time_flips")
         else "- Test-time flips: off (one view per photo).",
+        *(
+            [
+                f"- Output stride {info['output_stride']}: the last stages run dilated at stride 1 (a finer final "
+                "feature map from the same weights, for more compute)."
+            ]
+            if info.get("output_stride", 32) != 32
+            else []
+        ),
         "",
         "## Data and split",
         f"- PlantVillage (lab photos of single detached leaves on a plain background), "

@@ -66,6 +66,8 @@ def model_info(
         if hasattr(model, "pretrained_cfg")
         else type(model).__name__,
         "num_classes": int(model.num_classes),
+        # Below 32 the last stages run dilated (model.output_stride); the weights alone do not say so.
+        "output_stride": int(getattr(model, "output_stride", 32)),
         "input_size": list(spec["input_size"]),
         "strategy": trainable.get("strategy"),
         "trainable_percent": trainable.get("percent"),

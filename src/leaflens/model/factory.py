@@ -6,9 +6,10 @@ Never falls back silently to random weights: random init only with ``pretrained=
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch import nn
 
 from leaflens.logs import logger
@@ -80,6 +81,7 @@ def create_model(
     pretrained: bool = True,
     pretrained_file: str | Path | None = None,
     checkpoint_follows: bool = False,
+    output_stride: int = 32,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Create the timm model ``name`` with a fresh ``num_classes``-way classifier.
@@ -92,6 +94,9 @@ def create_model(
             classifier of another size is dropped and every other key must match. Implies ``pretrained``.
         checkpoint_follows: The caller loads trained weights into the model right away (rebuilding a run), so
             a random initialisation is not worth a warning.
+        output_stride: Input pixels per cell of the last feature map. Below the network's own (32), the last
+            stride-2 stages run at stride 1 with dilated convolutions instead (``dilate_to_output_stride``):
+            a finer final map from the same weights and parameter count, for more compute.
         **timm_kwargs: Passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ``exportable``...).
             ``pretrained_cfg_overlay`` (e.g. ``{"input_size": [3, 256, 256], "crop_pct": 1.0}``) changes the
             preprocessing the model owns, which every stage resolves from it.
@@ -114,9 +119,10 @@ def create_model(
             )
         logger.info("Model {}: {} classes, weights from {}", name, num_classes, path)
         overlay = {**(timm_kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(path)}
-        return timm.create_model(
+        model = timm.create_model(
             name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **timm_kwargs
         )
+        return dilate_to_output_stride(model, output_stride)
     if not pretrained:
         if checkpoint_follows:
             logger.debug(
@@ -126,10 +132,63 @@ def create_model(
             logger.warning(
                 "Model {}: {} classes, RANDOM initialisation (model.pretrained=false)", name, num_classes
             )
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+        return dilate_to_output_stride(model, output_stride)
     logger.info("Model {}: {} classes, ImageNet weights from the Hugging Face hub", name, num_classes)
     check_hub_reachable(name)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
     except _hub_errors() as error:
         raise RuntimeError(_HUB_FIX.format(name=name, error=f"{type(error).__name__}: {error}")) from error
+    return dilate_to_output_stride(model, output_stride)
+
+
+def dilate_to_output_stride(model: nn.Module, output_stride: int) -> nn.Module:
+    """Trade the last downsamplings of a timm EfficientNet-family model (MobileNetV3, EfficientNet...) for dilation.
+
+    timm builds this only into the feature-extractor variants of these models; this is the same conversion
+    (``EfficientNetBuilder``) applied to a built classifier: the block that would take the network past
+    ``output_stride`` keeps its weights but runs at stride 1, and every later spatial convolution dilates by
+    the stride skipped, so it covers the same part of the photo at twice the resolution per skipped stride.
+
+    Args:
+        model: A timm model with ``conv_stem`` and ``blocks`` (stages of blocks), in place.
+        output_stride: 32 (unchanged), 16 or 8.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``output_stride`` is not 8, 16 or 32, or the model is not of the EfficientNet family.
+    """
+    if output_stride == 32:
+        return model
+    if output_stride not in (8, 16):
+        raise ValueError(f"model.output_stride must be 8, 16 or 32, got {output_stride}")
+    if not (hasattr(model, "conv_stem") and hasattr(model, "blocks")):
+        raise ValueError(
+            f"model.output_stride={output_stride} is supported for timm's EfficientNet-family models "
+            f"(MobileNetV3, EfficientNet...), not {type(model).__name__}"
+        )
+    stem = cast(nn.Conv2d, model.conv_stem)
+    stages = cast(nn.Sequential, model.blocks)
+    stride, dilation = stem.stride[0], 1
+    for block in (block for stage in stages for block in stage.children()):
+        spatial = [m for m in block.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+        block_stride = max((conv.stride[0] for conv in spatial), default=1)
+        next_dilation = dilation
+        if stride * block_stride > output_stride:
+            next_dilation = dilation * block_stride
+            block_stride = 1
+        for conv in spatial:
+            if block_stride == 1:
+                conv.stride = (1, 1)
+            conv.dilation = (dilation, dilation)
+            # timm's "same" convs work out their padding for the dilation as they run; the others pad statically.
+            if not isinstance(conv, (Conv2dSame, Conv2dSameExport)):
+                conv.padding = tuple(dilation * (k - 1) // 2 for k in conv.kernel_size)
+        stride *= block_stride
+        dilation = next_dilation
+    # Export writes it to model.json, so that Grad-CAM rebuilds this network (torch types attributes as modules).
+    model.output_stride = output_stride  # type: ignore[assignment]
+    return model
