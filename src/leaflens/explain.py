@@ -115,10 +115,9 @@ def gradcam_overlays(
 
 def load_package_model(package_dir: str | Path) -> nn.Module:
     """Rebuild the plain timm model of a (verified) package from ``model.json`` + ``weights.safetensors``."""
-    import timm
     from safetensors.torch import load_file
 
-    from leaflens.model.factory import dilate_to_output_stride
+    from leaflens.model.factory import create_model
     from leaflens.serving.package import PackageError, load_package
 
     package = load_package(package_dir)
@@ -126,10 +125,14 @@ def load_package_model(package_dir: str | Path) -> nn.Module:
     if "weights.safetensors" not in package.files:
         raise PackageError(f"model package {package.dir} has no weights.safetensors; Grad-CAM needs it")
     info = package.model_info
-    model = timm.create_model(
-        info["arch"], pretrained=False, num_classes=int(info["num_classes"]), exportable=True
+    model = create_model(
+        info["arch"],
+        int(info["num_classes"]),
+        pretrained=False,
+        checkpoint_follows=True,
+        output_stride=int(info.get("output_stride", 32)),
+        exportable=True,
     )
-    dilate_to_output_stride(model, int(info.get("output_stride", 32)))
     model.load_state_dict(load_file(str(weights)))
     return model.eval()
 

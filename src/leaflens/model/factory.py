@@ -109,6 +109,19 @@ def create_model(
         RuntimeError: Weights had to come from the hub and the hub could not be reached (message says
         how to fix).
     """
+    model = _timm_model(name, num_classes, pretrained, pretrained_file, checkpoint_follows, **timm_kwargs)
+    return dilate_to_output_stride(model, output_stride)
+
+
+def _timm_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool,
+    pretrained_file: str | Path | None,
+    checkpoint_follows: bool,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """:func:`create_model` before the output stride: the timm model with its weights from where they come."""
     if pretrained_file is not None:
         path = Path(pretrained_file).expanduser()
         if not path.is_file():
@@ -119,10 +132,9 @@ def create_model(
             )
         logger.info("Model {}: {} classes, weights from {}", name, num_classes, path)
         overlay = {**(timm_kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(path)}
-        model = timm.create_model(
+        return timm.create_model(
             name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **timm_kwargs
         )
-        return dilate_to_output_stride(model, output_stride)
     if not pretrained:
         if checkpoint_follows:
             logger.debug(
@@ -132,15 +144,13 @@ def create_model(
             logger.warning(
                 "Model {}: {} classes, RANDOM initialisation (model.pretrained=false)", name, num_classes
             )
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
-        return dilate_to_output_stride(model, output_stride)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
     logger.info("Model {}: {} classes, ImageNet weights from the Hugging Face hub", name, num_classes)
     check_hub_reachable(name)
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
     except _hub_errors() as error:
         raise RuntimeError(_HUB_FIX.format(name=name, error=f"{type(error).__name__}: {error}")) from error
-    return dilate_to_output_stride(model, output_stride)
 
 
 def dilate_to_output_stride(model: nn.Module, output_stride: int) -> nn.Module:
