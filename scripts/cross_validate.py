@@ -13,7 +13,9 @@ resumes. ``--train-folds M`` trains each model on only M of the other folds: a p
         --strategy-epochs 8 data.raw_dir=<its raw folder>
 
 Writes ``<out>/data/fold_<k>/`` (the fold's manifest), ``<out>/<experiment>/fold_<k>/`` (run, predictions.csv,
-fold.json), ``<out>/summary.json`` and a markdown table (``--report``, by default ``reports/cross_validation.md``).
+logits.npy in its row order, fold.json), ``<out>/summary.json`` and a markdown table (``--report``, by default
+``reports/cross_validation.md``). ``scripts/compare_cv.py`` compares two runs image by image; ``scripts/cv_errors.py``
+says where the errors are and what averaging runs' probabilities (an ensemble) would score.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from leaflens.malloc import reexec_with_malloc_env
 
 reexec_with_malloc_env()
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -69,21 +72,23 @@ def write_fold_data(
     return out
 
 
-def predict_held_out(run_dir: Path, fold_data: Path) -> pd.DataFrame:
+def predict_held_out(run_dir: Path, fold_data: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """Label and prediction of every held-out image, from the run's kept (last-epoch) checkpoint, as the run
-    would serve it (with its test-time flips, if any)."""
+    would serve it (with its test-time flips, if any), and the logits behind the predictions (one row per image,
+    in the frame's order)."""
     run = load_run(run_dir)
     model = LogitsAndEmbedding(run.model, run.test_time_flips).eval()
     dm = PlantVillageDataModule(fold_data, run.data_config, batch_size=64, num_workers=0)
     dm.setup("validate")
-    predictions = []
+    batches = []
     with torch.no_grad():
         for images, _ in dm.val_dataloader():
             logits, _ = model(dm.normalize(images))
-            predictions.extend(logits.argmax(dim=1).tolist())
+            batches.append(logits.numpy())
+    all_logits = np.concatenate(batches)
     frame = dm.split_frame("val")[["path", "label", "label_id", "group"]].copy()
-    frame["predicted_id"] = predictions
-    return frame
+    frame["predicted_id"] = all_logits.argmax(axis=1)
+    return frame, all_logits
 
 
 def run_fold(
@@ -125,8 +130,10 @@ def run_fold(
     start = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - start
-    predictions = predict_held_out(run_dir, fold_data)
+    predictions, logits = predict_held_out(run_dir, fold_data)
     predictions.to_csv(fold_dir / "predictions.csv", index=False)
+    # Kept for ensembles of runs (scripts/cv_errors.py); ~100 KB per fold.
+    np.save(fold_dir / "logits.npy", logits.astype(np.float32))
     trainable = json.loads((run_dir / "trainable.json").read_text())
     row = {
         "experiment": experiment,

@@ -156,3 +156,71 @@ def test_learning_curve_script_refuses_one_training_size_and_different_images(tm
     assert one_size.returncode != 0 and "at least two different amounts" in one_size.stderr
     mismatch = _learning_curve(a, fewer_images)
     assert mismatch.returncode != 0 and "scored different images" in mismatch.stderr
+
+
+def _write_cv_run_with_logits(out: Path, predicted: list[int], labels: list[int], confidence: float) -> Path:
+    """A cross_validate.py output whose folds also kept logits: ``confidence`` on the predicted class, 0 elsewhere."""
+    _write_cv_run(out, predicted, labels)
+    half = len(labels) // 2
+    logits = np.zeros((len(labels), 4), dtype=np.float32)
+    logits[np.arange(len(labels)), predicted] = confidence
+    np.save(out / "plantvillage_mini" / "fold_0" / "logits.npy", logits[:half])
+    np.save(out / "plantvillage_mini" / "fold_1" / "logits.npy", logits[half:])
+    return out
+
+
+def test_cv_errors_script_finds_shared_errors_and_scores_the_mean_probability_ensemble(
+    tmp_path: Path,
+) -> None:
+    labels = [0, 1, 2, 3] * 5
+    names = ["Corn___a", "Corn___b", "Tomato___c", "Tomato___d"]
+    classes_json = tmp_path / "classes.json"
+    classes_json.write_text(json.dumps([{"id": i, "name": n} for i, n in enumerate(names)]))
+
+    def wrong(flips: set[int]) -> list[int]:
+        return [(y + 1) % 4 if i in flips else y for i, y in enumerate(labels)]
+
+    # A misses images 0-2, B (more confident in each answer) misses 2 and 3: the mean of their probabilities
+    # follows B wherever they disagree, so it fixes A's 0 and 1 and breaks A's 3; image 2 stays wrong in both.
+    run_a = _write_cv_run_with_logits(tmp_path / "a", wrong({0, 1, 2}), labels, confidence=2.0)
+    run_b = _write_cv_run_with_logits(tmp_path / "b", wrong({2, 3}), labels, confidence=4.0)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(run_a),
+            str(run_b),
+            "--classes-json",
+            str(classes_json),
+            "--focus",
+            "^Corn",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "top-1 85.00 % (3 errors of 20)" in done.stdout  # A
+    # A's errors on the focus (corn) classes: images 0 and 1, of the 10 corn images.
+    assert "focus classes: 80.00 % of 10 images (2 errors); the others: 90.00 % of 10" in done.stdout
+    assert (
+        "1 images wrong in every run (0 of them in the focus classes), 3 wrong in some runs only"
+        in done.stdout
+    )
+    ensemble = done.stdout.split("== ensemble")[1]
+    assert "top-1 90.00 % (2 errors of 20)" in ensemble
+    assert "fixed 2, broke 1" in ensemble
+
+
+def test_cv_errors_script_refuses_runs_that_scored_different_images(tmp_path: Path) -> None:
+    labels = [0, 1] * 4
+    base = _write_cv_run(tmp_path / "base", labels, labels)
+    other = _write_cv_run(tmp_path / "other", labels[:6], labels[:6])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(base), str(other)], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "scored different images" in done.stderr
