@@ -3,7 +3,7 @@
 Every run must have scored the same images (scripts/cross_validate.py on the same prepared data and fold seed),
 e.g. the recipe trained with two seeds on one fold set:
 
-    python scripts/cv_errors.py outputs/cv_seed42 outputs/cv_seed43 --classes-json <prepared dir>/classes.json
+    python scripts/cv_errors.py outputs/cv_seed42 outputs/cv_seed43
 
 Prints, for each run: top-1, the most confused class pairs, and top-1 within and outside a group of classes
 (``--focus``, regexes over class names; by default the two corn leaf-spot diseases that PlantVillage models
@@ -17,46 +17,36 @@ recipe within the budget.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from compare_cv import load_predictions
 from scipy.special import softmax
 from sklearn.metrics import confusion_matrix
 
+from leaflens.data.taxonomy import load_classes
 from leaflens.evaluate.compare import paired_comparison
 from leaflens.evaluate.metrics import most_confused_pairs
 
 CORN_LEAF_SPOTS = [r"^Corn_\(maize\)___Cercospora", r"^Corn_\(maize\)___Northern_Leaf_Blight"]
 
 
-def load_run(cv_dir: Path, experiment: str) -> tuple[pd.DataFrame, np.ndarray | None]:
-    """Held-out predictions of one run (sorted by path) and their logits, or None if a fold kept none."""
-    fold_dirs = sorted((cv_dir / experiment).glob("fold_*"))
-    frames, logits = [], []
-    for fold_dir in fold_dirs:
-        frame = pd.read_csv(fold_dir / "predictions.csv")
-        frames.append(frame)
-        path = fold_dir / "logits.npy"
-        if path.is_file():
-            fold_logits = np.load(path)
-            if len(fold_logits) != len(frame):
-                raise SystemExit(f"{path} has {len(fold_logits)} rows for {len(frame)} predictions")
-            logits.append(fold_logits)
-    if not frames:
-        raise SystemExit(f"no {experiment}/fold_*/predictions.csv under {cv_dir}")
-    predictions = pd.concat(frames, ignore_index=True)
+def load_cv_run(cv_dir: Path, experiment: str) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """Held-out predictions of one run, sorted by path, and their logits (None unless every fold kept them)."""
+    predictions = load_predictions(cv_dir, experiment)
+    # load_predictions concatenates the folds in this (sorted) order.
+    logit_files = sorted((cv_dir / experiment).glob("fold_*/logits.npy"))
+    logits = None
+    if len(logit_files) == predictions["fold"].nunique():
+        logits = np.concatenate([np.load(f) for f in logit_files])
+        if len(logits) != len(predictions) or not np.array_equal(
+            logits.argmax(axis=1), predictions["predicted_id"].to_numpy()
+        ):
+            raise SystemExit(f"{cv_dir}: the folds' logits.npy do not give their predictions.csv predictions")
     order = np.argsort(predictions["path"].to_numpy(), kind="stable")
-    stacked = np.concatenate(logits)[order] if len(logits) == len(frames) else None
-    return predictions.iloc[order].reset_index(drop=True), stacked
-
-
-def class_names(classes_json: Path | None, num_classes: int) -> list[str]:
-    if classes_json is None:
-        return [str(i) for i in range(num_classes)]
-    return [record["name"] for record in json.loads(classes_json.read_text())]
+    return predictions.iloc[order].reset_index(drop=True), None if logits is None else logits[order]
 
 
 def focus_mask(labels: np.ndarray, names: list[str], patterns: list[str]) -> np.ndarray:
@@ -87,12 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="--out directories of scripts/cross_validate.py")
     parser.add_argument("--experiment", default="plantvillage_mini")
-    parser.add_argument("--classes-json", type=Path, default=None, help="the prepared data's classes.json")
     parser.add_argument("--focus", nargs="*", default=CORN_LEAF_SPOTS, help="regexes over class names")
     parser.add_argument("--top", type=int, default=8, help="confused pairs to list per run")
     args = parser.parse_args()
 
-    loaded = [load_run(run, args.experiment) for run in args.runs]
+    loaded = [load_cv_run(run, args.experiment) for run in args.runs]
     reference = loaded[0][0]
     for run, (frame, _) in zip(args.runs[1:], loaded[1:], strict=True):
         if not frame["path"].equals(reference["path"]) or not frame["label_id"].equals(reference["label_id"]):
@@ -102,13 +91,9 @@ def main() -> None:
             )
     labels = reference["label_id"].to_numpy()
     logits_all = [logits for _, logits in loaded]
-    num_classes = max(
-        [int(labels.max()) + 1]
-        + [int(f["predicted_id"].max()) + 1 for f, _ in loaded]
-        + [lg.shape[1] for lg in logits_all if lg is not None]
-    )
-    names = class_names(args.classes_json, num_classes)
-    focus = focus_mask(labels, names, args.focus) if args.classes_json else np.zeros(len(labels), bool)
+    # The class list the runs trained with: cross_validate.py copies the prepared classes.json into each fold.
+    names = [record["name"] for record in load_classes(args.runs[0] / "data" / "fold_0")]
+    focus = focus_mask(labels, names, args.focus)
 
     predicted = [frame["predicted_id"].to_numpy() for frame, _ in loaded]
     for run, pred in zip(args.runs, predicted, strict=True):
@@ -124,11 +109,8 @@ def main() -> None:
     if any(lg is None for lg in logits_all):
         print("   ensemble: not every fold kept logits.npy (runs made before it was written)")
         return
-    probabilities = np.mean([softmax(lg, axis=1) for lg in logits_all if lg is not None], axis=0)
+    probabilities = np.mean([softmax(lg, axis=1) for lg in logits_all], axis=0)
     ensemble = probabilities.argmax(axis=1)
-    for run, lg, pred in zip(args.runs, logits_all, predicted, strict=True):
-        if lg is not None and not np.array_equal(lg.argmax(axis=1), pred):
-            raise SystemExit(f"{run}: logits.npy does not give predictions.csv's predictions")
     describe_run(
         f"ensemble (mean probability of {len(loaded)} runs)", labels, ensemble, names, focus, args.top
     )

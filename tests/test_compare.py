@@ -173,9 +173,6 @@ def test_cv_errors_script_finds_shared_errors_and_scores_the_mean_probability_en
     tmp_path: Path,
 ) -> None:
     labels = [0, 1, 2, 3] * 5
-    names = ["Corn___a", "Corn___b", "Tomato___c", "Tomato___d"]
-    classes_json = tmp_path / "classes.json"
-    classes_json.write_text(json.dumps([{"id": i, "name": n} for i, n in enumerate(names)]))
 
     def wrong(flips: set[int]) -> list[int]:
         return [(y + 1) % 4 if i in flips else y for i, y in enumerate(labels)]
@@ -184,6 +181,11 @@ def test_cv_errors_script_finds_shared_errors_and_scores_the_mean_probability_en
     # follows B wherever they disagree, so it fixes A's 0 and 1 and breaks A's 3; image 2 stays wrong in both.
     run_a = _write_cv_run_with_logits(tmp_path / "a", wrong({0, 1, 2}), labels, confidence=2.0)
     run_b = _write_cv_run_with_logits(tmp_path / "b", wrong({2, 3}), labels, confidence=4.0)
+    # cross_validate.py copies the prepared classes.json into each fold's data; the script names classes from it.
+    names = ["Corn___a", "Corn___b", "Tomato___c", "Tomato___d"]
+    fold_data = run_a / "data" / "fold_0"
+    fold_data.mkdir(parents=True)
+    (fold_data / "classes.json").write_text(json.dumps([{"id": i, "name": n} for i, n in enumerate(names)]))
     script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
 
     done = subprocess.run(
@@ -192,8 +194,6 @@ def test_cv_errors_script_finds_shared_errors_and_scores_the_mean_probability_en
             str(script),
             str(run_a),
             str(run_b),
-            "--classes-json",
-            str(classes_json),
             "--focus",
             "^Corn",
         ],
@@ -224,3 +224,13 @@ def test_cv_errors_script_refuses_runs_that_scored_different_images(tmp_path: Pa
         [sys.executable, str(script), str(base), str(other)], capture_output=True, text=True
     )
     assert done.returncode != 0 and "scored different images" in done.stderr
+
+
+def test_cv_errors_script_refuses_logits_that_disagree_with_the_predictions(tmp_path: Path) -> None:
+    labels = [0, 1, 2, 3] * 2
+    run = _write_cv_run_with_logits(tmp_path / "run", labels, labels, confidence=2.0)
+    # Fold 1's logits now point at another class than its predictions.csv says.
+    np.save(run / "plantvillage_mini" / "fold_1" / "logits.npy", np.eye(4, dtype=np.float32)[[1, 2, 3, 0]])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
+    done = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
+    assert done.returncode != 0 and "do not give their predictions.csv predictions" in done.stderr
