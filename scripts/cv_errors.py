@@ -36,10 +36,10 @@ CORN_LEAF_SPOTS = [r"^Corn_\(maize\)___Cercospora", r"^Corn_\(maize\)___Northern
 def load_cv_run(cv_dir: Path, experiment: str) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Held-out predictions of one run, sorted by path, and their logits (None unless every fold kept them)."""
     predictions = load_predictions(cv_dir, experiment)
-    # load_predictions concatenates the folds in this (sorted) order.
-    logit_files = sorted((cv_dir / experiment).glob("fold_*/logits.npy"))
+    # Each fold's logits, in the order its rows appear in the concatenated predictions.
+    logit_files = [cv_dir / experiment / f"fold_{k}" / "logits.npy" for k in predictions["fold"].unique()]
     logits = None
-    if len(logit_files) == predictions["fold"].nunique():
+    if all(f.exists() for f in logit_files):
         logits = np.concatenate([np.load(f) for f in logit_files])
         if len(logits) != len(predictions) or not np.array_equal(
             logits.argmax(axis=1), predictions["predicted_id"].to_numpy()

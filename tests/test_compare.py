@@ -169,6 +169,13 @@ def _write_cv_run_with_logits(out: Path, predicted: list[int], labels: list[int]
     return out
 
 
+def _cv_errors(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, check=False
+    )
+
+
 def test_cv_errors_script_finds_shared_errors_and_scores_the_mean_probability_ensemble(
     tmp_path: Path,
 ) -> None:
@@ -186,21 +193,8 @@ def test_cv_errors_script_finds_shared_errors_and_scores_the_mean_probability_en
     fold_data = run_a / "data" / "fold_0"
     fold_data.mkdir(parents=True)
     (fold_data / "classes.json").write_text(json.dumps([{"id": i, "name": n} for i, n in enumerate(names)]))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(run_a),
-            str(run_b),
-            "--focus",
-            "^Corn",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = _cv_errors(run_a, run_b, "--focus", "^Corn")
 
     assert done.returncode == 0, done.stderr
     assert "top-1 85.00 % (3 errors of 20)" in done.stdout  # A
@@ -219,10 +213,7 @@ def test_cv_errors_script_refuses_runs_that_scored_different_images(tmp_path: Pa
     labels = [0, 1] * 4
     base = _write_cv_run(tmp_path / "base", labels, labels)
     other = _write_cv_run(tmp_path / "other", labels[:6], labels[:6])
-    script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
-    done = subprocess.run(
-        [sys.executable, str(script), str(base), str(other)], capture_output=True, text=True
-    )
+    done = _cv_errors(base, other)
     assert done.returncode != 0 and "scored different images" in done.stderr
 
 
@@ -231,6 +222,5 @@ def test_cv_errors_script_refuses_logits_that_disagree_with_the_predictions(tmp_
     run = _write_cv_run_with_logits(tmp_path / "run", labels, labels, confidence=2.0)
     # Fold 1's logits now point at another class than its predictions.csv says.
     np.save(run / "plantvillage_mini" / "fold_1" / "logits.npy", np.eye(4, dtype=np.float32)[[1, 2, 3, 0]])
-    script = Path(__file__).resolve().parents[1] / "scripts" / "cv_errors.py"
-    done = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
+    done = _cv_errors(run)
     assert done.returncode != 0 and "do not give their predictions.csv predictions" in done.stderr
