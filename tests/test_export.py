@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import SAMPLE_DIR, compose, data_overrides
+from conftest import FAST_TRAIN, SAMPLE_DIR, compose, data_overrides
 from leaflens.images import decode_image
 from leaflens.preprocessing import preprocess_batch
 from leaflens.serving.engine import InferenceEngine
@@ -70,17 +70,19 @@ def test_onnx_matches_pytorch_on_the_bundled_sample(model_package: Path, trained
     np.testing.assert_allclose(single, ort_logits[:3], atol=1e-5)
 
 
-def test_test_time_flips_average_the_four_views_in_torch_and_onnx(tmp_path: Path) -> None:
-    import timm
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+def test_test_time_flips_average_the_four_views_in_torch_and_onnx(tmp_path: Path, classifier: str) -> None:
     import torch
 
     from leaflens.export.onnx import LogitsAndEmbedding, check_parity, export_onnx, four_flips
+    from leaflens.model.factory import create_model
     from leaflens.serving.engine import make_session
 
     torch.manual_seed(0)
-    model = timm.create_model(
-        "tf_mobilenetv3_small_100", pretrained=False, num_classes=5, exportable=True
-    ).eval()
+    model = create_model(
+        "tf_mobilenetv3_small_100", 5, pretrained=False, checkpoint_follows=True, classifier=classifier,
+        exportable=True,
+    ).eval()  # fmt: skip
     image = torch.randn(3, 3, 96, 96)
     with torch.no_grad():
         logits, embedding = LogitsAndEmbedding(model, flips=True)(image)
@@ -133,6 +135,55 @@ def test_a_run_with_test_time_flips_and_a_dilated_last_stage_exports_both(
         rebuilt = load_package_model(package)(batch)  # Grad-CAM's network: the dilated one, one view
     np.testing.assert_allclose(logits, views.mean(dim=0).numpy(), atol=1e-4)
     np.testing.assert_allclose(rebuilt.numpy(), views[0].numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_cosine_classifier_run_reloads_exports_and_rebuilds_for_gradcam(
+    tmp_path: Path, prepared_root: Path
+) -> None:
+    import torch
+
+    from leaflens.explain import load_package_model
+    from leaflens.export.onnx import reference_logits
+    from leaflens.export.run import export
+    from leaflens.model.heads import CosineClassifier
+    from leaflens.train.checkpoint import build_network, load_run, network_state
+    from leaflens.train.run import train
+
+    run_dir = tmp_path / "run"
+    train(
+        compose(*data_overrides(prepared_root), *FAST_TRAIN, "model.classifier=cosine", "model.cosine_scale=12",
+                f"paths.output_dir={run_dir}", task_name="train")
+    )  # fmt: skip
+    run = load_run(run_dir)
+    head = run.model.get_classifier()
+    assert isinstance(head, CosineClassifier) and float(head.scale) == 12
+    images = torch.randn(3, *run.data_config["input_size"])
+    with torch.no_grad():
+        logits = run.model(images)
+        assert torch.equal(logits, load_run(run_dir).model(images))
+        # The unmerged network with the checkpoint's weights (what training validated) agrees with the merge.
+        net = build_network(run.cfg, len(run.classes), pretrained=False, pretrained_file=None)
+        net.load_state_dict(network_state(run.checkpoint))
+        torch.testing.assert_close(logits, net.eval()(images), rtol=1e-4, atol=1e-4)
+    assert logits.abs().max() <= 12 and torch.isfinite(logits).all()
+
+    package = export(
+        compose(*data_overrides(prepared_root), f"run={run_dir}", "export.reference_images=8",
+                f"paths.output_dir={tmp_path / 'package'}", task_name="export")
+    )  # fmt: skip
+    info = json.loads((package / "model.json").read_text())
+    assert info["classifier"] == "cosine" and info["cosine_scale"] == 12
+    assert "Cosine classifier: logits are 12 x" in (package / "MODEL_CARD.md").read_text()
+    engine = InferenceEngine.from_package(package)
+    batch = preprocess_batch(_sample_images(4), engine.spec)
+    onnx_logits, _ = engine.infer(batch)
+    with torch.no_grad():
+        expected = reference_logits(run.model, torch.from_numpy(batch), run.test_time_flips)
+        rebuilt = load_package_model(package)(torch.from_numpy(batch))  # Grad-CAM's network: one view
+        single_view = run.model(torch.from_numpy(batch))
+    np.testing.assert_allclose(onnx_logits, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(rebuilt.numpy(), single_view.numpy(), atol=1e-4)
 
 
 def test_gradcam_overlay_from_the_package(model_package: Path) -> None:

@@ -153,3 +153,38 @@ def test_unreachable_hub_fails_at_once_with_the_fix(tmp_path: Path) -> None:
     # seconds.
     assert "Retry" not in result.stderr
     assert time.perf_counter() - start < 60
+
+
+def test_cosine_classifier_scores_scaled_cosines_on_the_same_backbone() -> None:
+    from leaflens.model.heads import CosineClassifier
+
+    linear = create_model(ARCH, num_classes=5, pretrained_file=BUNDLED).eval()
+    model = create_model(
+        ARCH, num_classes=5, pretrained_file=BUNDLED, classifier="cosine", cosine_scale=10
+    ).eval()
+    head = model.get_classifier()
+    assert isinstance(head, CosineClassifier) and float(head.scale) == 10
+    # Same backbone weights; the classifier keeps the linear layer's weight shape and drops its bias.
+    state, linear_state = model.state_dict(), linear.state_dict()
+    assert state.keys() - linear_state.keys() == {"classifier.scale"}
+    assert linear_state.keys() - state.keys() == {"classifier.bias"}
+    assert state["classifier.weight"].shape == linear_state["classifier.weight"].shape
+    assert not any(name == "classifier.scale" for name, _ in model.named_parameters())  # fixed, not trained
+    with torch.no_grad():
+        features = model.forward_head(
+            model.forward_features(torch.rand(3, 3, 96, 96) * 2 - 1), pre_logits=True
+        )
+        logits = head(features)
+        # Only the direction of the features counts: a rescaled feature vector gets the same logits.
+        torch.testing.assert_close(head(3.0 * features), logits)
+        cosines = torch.nn.functional.cosine_similarity(features[:, None], head.weight[None], dim=-1)
+        torch.testing.assert_close(logits, 10 * cosines, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (3, 5) and logits.abs().max() <= 10
+
+
+def test_unknown_classifier_is_refused_before_any_weights_load() -> None:
+    # A hub name with no network: the kind is checked first, so the error is about the kind, not the hub.
+    with pytest.raises(ValueError, match=r"model\.classifier must be one of"):
+        create_model("mobilenetv3_large_100", num_classes=5, classifier="mlp")
+    with pytest.raises(ValueError, match=r"scale must be > 0"):
+        create_model(ARCH, num_classes=5, pretrained=False, classifier="cosine", cosine_scale=0)

@@ -168,12 +168,37 @@ def test_lora_merges_into_a_plain_timm_model(base: nn.Module) -> None:
     assert error <= 1e-3 * expected.abs().max().item() + 1e-4, error
 
 
-def test_recipe_stays_within_five_percent(base: nn.Module) -> None:
-    from leaflens.config import load_config
+def test_cosine_classifier_trains_under_lora_and_survives_the_merge() -> None:
+    from leaflens.model.heads import CosineClassifier
 
-    cfg = load_config(["experiment=plantvillage_mini"], task_name="test")
+    base = create_model(
+        "tf_mobilenetv3_small_100", num_classes=NUM_CLASSES, pretrained_file=BUNDLED, classifier="cosine"
+    )
+    model = apply_peft(copy.deepcopy(base), "lora", lora_r=4)
+    _steps(model, freeze_bn_stats=True)
+    model.eval()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = model(images)
+        merged = merge_adapters(model)
+        actual = merged(images)
+    head = merged.get_classifier()
+    assert isinstance(head, CosineClassifier) and merged.state_dict().keys() == base.state_dict().keys()
+    # The classifier trained (peft's modules_to_save) ...
+    assert not torch.equal(head.weight, base.get_classifier().weight)
+    assert float(head.scale) == 16  # ... and its fixed scale did not
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)
+    assert actual.abs().max() <= 16
+
+
+def test_recipe_stays_within_five_percent() -> None:
     from hydra.utils import instantiate
 
+    from leaflens.config import load_config
+    from leaflens.train.checkpoint import create_backbone
+
+    cfg = load_config(["experiment=plantvillage_mini"], task_name="test")
+    base = create_backbone(cfg, NUM_CLASSES)  # the recipe's own model config (its classifier included)
     model = instantiate(cfg.peft)(copy.deepcopy(base))
     table = trainable_table(model, cfg.peft.strategy, sum(p.numel() for p in base.parameters()))
     assert 0 < table["percent"] <= 5.0

@@ -131,6 +131,9 @@ def load_package_model(package_dir: str | Path) -> nn.Module:
         pretrained=False,
         checkpoint_follows=True,
         output_stride=int(info.get("output_stride", 32)),
+        # Packages from before model.classifier existed have a linear one.
+        classifier=str(info.get("classifier", "linear")),
+        cosine_scale=float(info.get("cosine_scale", 16.0)),
         exportable=True,
     )
     model.load_state_dict(load_file(str(weights)))

@@ -68,6 +68,14 @@ def model_card(
             if info.get("output_stride", 32) != 32
             else []
         ),
+        *(
+            [
+                f"- Cosine classifier: logits are {_num(info.get('cosine_scale'), 'g')} x the cosine between the "
+                "photo's L2-normalised features and each class's L2-normalised weights (no bias)."
+            ]
+            if info.get("classifier") == "cosine"
+            else []
+        ),
         "",
         "## Data and split",
         f"- PlantVillage (lab photos of single detached leaves on a plain background), "

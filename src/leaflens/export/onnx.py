@@ -33,9 +33,11 @@ class LogitsAndEmbedding(nn.Module):
     """Wrap a timm model so one forward gives ``(logits, pre-logits embedding)``.
 
     Args:
-        model: A timm classifier whose classifier is linear (checked by :func:`export_onnx`).
-        flips: Average the four flips of each image (``model.test_time_flips``). The embedding is then the mean
-            of the four views' embeddings; the classifier being linear, its logits are the mean of theirs.
+        model: A timm classifier whose logits are its classifier applied to ``forward_head(pre_logits=True)``
+            (checked by :func:`export_onnx`).
+        flips: Average the four flips of each image (``model.test_time_flips``): the logits are the mean of the
+            four views' logits (for a linear classifier, also the logits of the mean embedding; not for a
+            cosine one), the embedding the mean of their embeddings.
     """
 
     def __init__(self, model: nn.Module, flips: bool = False) -> None:
@@ -47,9 +49,10 @@ class LogitsAndEmbedding(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         views = four_flips(image) if self.flips else image
         embedding = self.model.forward_head(self.model.forward_features(views), pre_logits=True)
-        if self.flips:
-            embedding = embedding.reshape(4, image.shape[0], -1).mean(dim=0)
         logits = self.model.get_classifier()(embedding)
+        if self.flips:
+            logits = logits.reshape(4, image.shape[0], -1).mean(dim=0)
+            embedding = embedding.reshape(4, image.shape[0], -1).mean(dim=0)
         return logits, embedding
 
 
@@ -70,7 +73,7 @@ def export_onnx(
 
     Raises:
         ValueError: if the wrapped logits differ from :func:`reference_logits` (a timm head this wrapper does
-            not cover, e.g. a non-linear classifier).
+            not cover, e.g. one with layers between the pre-logits features and the classifier).
     """
     if opset < 17:
         raise ValueError(f"export.opset must be >= 17 (got {opset})")

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 import leaflens
 from leaflens.images import decode_image
 from leaflens.logs import logger
+from leaflens.model.heads import classifier_info
 from leaflens.preprocessing import preprocess_batch, spec_from_data_config
 from leaflens.serving.engine import InferenceEngine, OnnxRunner, make_session
 from leaflens.serving.package import ModelPackage, load_package, write_manifest
@@ -68,6 +69,8 @@ def model_info(
         "num_classes": int(model.num_classes),
         # Below 32 the last stages run dilated (model.output_stride); the weights alone do not say so.
         "output_stride": int(getattr(model, "output_stride", 32)),
+        # linear, or cosine with its scale (model.classifier): the classifier the weights belong to.
+        **(classifier_info(model) if hasattr(model, "pretrained_cfg") else {}),
         "input_size": list(spec["input_size"]),
         "strategy": trainable.get("strategy"),
         "trainable_percent": trainable.get("percent"),

@@ -13,6 +13,7 @@ from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch import nn
 
 from leaflens.logs import logger
+from leaflens.model.heads import CLASSIFIERS, set_classifier
 
 # Raised by huggingface_hub / requests / urllib when the hub cannot be reached (all subclass OSError except
 # the
@@ -82,6 +83,8 @@ def create_model(
     pretrained_file: str | Path | None = None,
     checkpoint_follows: bool = False,
     output_stride: int = 32,
+    classifier: str = "linear",
+    cosine_scale: float = 16.0,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Create the timm model ``name`` with a fresh ``num_classes``-way classifier.
@@ -97,6 +100,9 @@ def create_model(
         output_stride: Input pixels per cell of the last feature map. Below the network's own (32), the last
             stride-2 stages run at stride 1 with dilated convolutions instead (``dilate_to_output_stride``):
             a finer final map from the same weights and parameter count, for more compute.
+        classifier: ``linear`` (timm's) or ``cosine``: scaled cosines between the L2-normalised features and
+            class weights, no bias (``leaflens.model.heads.CosineClassifier``).
+        cosine_scale: The cosine classifier's fixed logit scale (logits lie in ``[-scale, scale]``).
         **timm_kwargs: Passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ``exportable``...).
             ``pretrained_cfg_overlay`` (e.g. ``{"input_size": [3, 256, 256], "crop_pct": 1.0}``) changes the
             preprocessing the model owns, which every stage resolves from it.
@@ -108,9 +114,12 @@ def create_model(
         FileNotFoundError: ``pretrained_file`` does not exist.
         RuntimeError: Weights had to come from the hub and the hub could not be reached (message says
         how to fix).
+        ValueError: ``classifier`` is not one of ``heads.CLASSIFIERS`` (checked before any weights load).
     """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"model.classifier must be one of {CLASSIFIERS}, got {classifier!r}")
     model = _timm_model(name, num_classes, pretrained, pretrained_file, checkpoint_follows, **timm_kwargs)
-    return dilate_to_output_stride(model, output_stride)
+    return set_classifier(dilate_to_output_stride(model, output_stride), classifier, cosine_scale)
 
 
 def _timm_model(

@@ -27,18 +27,11 @@ from typing import Any
 
 from torch import nn
 
+from leaflens.model.heads import classifier_name
+
 STRATEGIES = ("head", "bitfit", "lora", "last_k", "full")
 # Prefix peft puts in front of the wrapped model's parameter names.
 _PEFT_PREFIX = "base_model.model."
-
-
-def classifier_name(model: nn.Module) -> str:
-    """Name of the classifier module of a timm model (``pretrained_cfg["classifier"]``)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("classifier")
-    if not name or not isinstance(name, str):
-        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['classifier']; is it a timm model?")
-    return name
 
 
 def _last_blocks_prefixes(model: nn.Module, k: int) -> list[str]:
