@@ -40,7 +40,16 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference + graph optimisation first, as ONNX Runtime recommends before static quantization.
-        quant_pre_process(str(fp32_path), str(prepared))
+        try:
+            quant_pre_process(str(fp32_path), str(prepared))
+        except TypeError as error:
+            # ONNX Runtime's symbolic shape inference (meant for transformers' dynamic shapes) gives up on some
+            # graphs, e.g. the cosine classifier's normalisation (its Expand, then its ReduceL2 or Clip); ONNX's
+            # own shape inference covers a CNN.
+            logger.warning(
+                "Symbolic shape inference failed ({}); quantizing with ONNX shape inference only", error
+            )
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(int8_path),
