@@ -44,8 +44,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
             quant_pre_process(str(fp32_path), str(prepared))
         except TypeError as error:
             # ONNX Runtime's symbolic shape inference (meant for transformers' dynamic shapes) gives up on some
-            # graphs, e.g. the cosine classifier's normalisation (its Expand, then its ReduceL2 or Clip); ONNX's
-            # own shape inference covers a CNN.
+            # graphs, e.g. the cosine classifier's L2 normalisation; ONNX's own shape inference covers a CNN.
             logger.warning(
                 "Symbolic shape inference failed ({}); quantizing with ONNX shape inference only", error
             )

@@ -2,7 +2,7 @@
 
 Strategies (``configs/peft/*.yaml``):
 
-- ``head``: only the classifier (a linear probe);
+- ``head``: only the classifier (a probe: linear or cosine, ``model.classifier``);
 - ``bitfit``: every bias (conv, BatchNorm, squeeze-excite) + the classifier;
 - ``lora``: LoRA adapters (the ``peft`` library) on 1x1 convs + the classifier in ``modules_to_save``,
   optionally with every bias trained too (``lora_bias="all"`` = LoRA + BitFit); merged into plain weights for
