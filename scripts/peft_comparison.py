@@ -95,6 +95,9 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         else ""
     )
     test_images = rows[0]["test_images"] if rows else "?"
+    # Rows written before "total" was recorded leave it out of the sentence rather than guess it.
+    total = rows[0].get("total") if rows else None
+    total_text = f"the {total:,} parameters" if isinstance(total, int) else "the parameters"
     report = "\n".join(
         [
             "# PEFT comparison on plantvillage-mini",
@@ -112,7 +115,7 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
             "38-way classifier. Every row uses the same recipe as `experiment=plantvillage_mini` "
             "(AdamW + warm-up/cosine, label smoothing 0.1, EMA of the weights, same augmentation) except the "
             "strategy and, where many weights train, a lower peak learning rate. "
-            "Trainable % is relative to the 1,556,806 parameters of the exported (merged) model. Validation "
+            f"Trainable % is relative to {total_text} of the exported (merged) model. Validation "
             "chooses the best epoch; test is scored once, on the reloaded best checkpoint.",
             "",
             *table,
@@ -181,6 +184,7 @@ def main() -> None:
             "epochs": cfg.trainer.max_epochs,
             "train_splits": list(cfg.data.train_splits),
             "trainable": trainable["trainable"],
+            "total": trainable["total"],
             "percent": trainable["percent"],
             "val_acc": metrics["val_acc"],
             "val_f1": metrics["val_f1"],
