@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -151,15 +152,20 @@ def test_set_train_mode_keeps_frozen_bn_in_eval(base: nn.Module) -> None:
     assert all(m.training for m in bns)
 
 
-def test_lora_merges_into_a_plain_timm_model(base: nn.Module) -> None:
-    model = apply_peft(copy.deepcopy(base), "lora", lora_r=4, lora_bias="all")
+def _lora_trained_then_merged(base: nn.Module, **lora: Any) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A LoRA copy of ``base`` after a few steps, merged: ``(merged model, logits before, logits after merging)``."""
+    model = apply_peft(copy.deepcopy(base), "lora", **lora)
     _steps(model, freeze_bn_stats=True)
     model.eval()
     images = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         expected = model(images)
         merged = merge_adapters(model)
-        actual = merged(images)
+        return merged, expected, merged(images)
+
+
+def test_lora_merges_into_a_plain_timm_model(base: nn.Module) -> None:
+    merged, expected, actual = _lora_trained_then_merged(base, lora_r=4, lora_bias="all")
     assert type(merged) is type(base)
     assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
     assert merged.state_dict().keys() == base.state_dict().keys()
@@ -174,14 +180,7 @@ def test_cosine_classifier_trains_under_lora_and_survives_the_merge() -> None:
     base = create_model(
         "tf_mobilenetv3_small_100", num_classes=NUM_CLASSES, pretrained_file=BUNDLED, classifier="cosine"
     )
-    model = apply_peft(copy.deepcopy(base), "lora", lora_r=4)
-    _steps(model, freeze_bn_stats=True)
-    model.eval()
-    images = torch.randn(2, 3, 96, 96)
-    with torch.no_grad():
-        expected = model(images)
-        merged = merge_adapters(model)
-        actual = merged(images)
+    merged, expected, actual = _lora_trained_then_merged(base, lora_r=4)
     head = merged.get_classifier()
     assert isinstance(head, CosineClassifier) and merged.state_dict().keys() == base.state_dict().keys()
     # The classifier trained (peft's modules_to_save) ...
