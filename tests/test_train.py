@@ -361,6 +361,58 @@ def test_mixup_trains_on_mixed_soft_targets_and_leaves_odd_batches_alone(batch_s
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_target_margin_penalises_the_true_class_in_training_only() -> None:
+    """optim.target_margin (CosFace's s x m with a cosine classifier): the training loss is the smoothed
+    cross-entropy of the logits less the margin on each image's true class, which costs more than the plain
+    loss; validation scores the plain logits; a negative margin is refused."""
+    from functools import partial
+
+    from leaflens.model.heads import CosineClassifier
+    from leaflens.train.module import ClassifierModule
+
+    num_classes, smoothing, margin = 4, 0.1, 2.4
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        CosineClassifier(8, num_classes, scale=16.0),
+    )
+
+    def build(target_margin: float) -> ClassifierModule:
+        return ClassifierModule(
+            net,
+            num_classes,
+            optimizer=partial(torch.optim.SGD, lr=0.1),
+            label_smoothing=smoothing,
+            target_margin=target_margin,
+            channels_last=False,
+        )
+
+    images, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    logits = net(images).detach()
+    shifted = logits.clone()
+    shifted[torch.arange(6), labels] -= margin
+    with torch.no_grad():
+        loss = build(margin).training_step((images, labels), 0)
+        plain = build(0.0).training_step((images, labels), 0)
+    expected = torch.nn.functional.cross_entropy(shifted, labels, label_smoothing=smoothing)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert loss > plain
+    # Soft targets (MixUp/CutMix) take the margin in proportion to each class's share.
+    soft = torch.nn.functional.one_hot(labels, num_classes).float() * 0.7 + 0.3 / num_classes
+    assert torch.allclose(build(margin)._with_margin(logits, soft), logits - margin * soft)
+
+    module = build(margin)
+    module.val_metrics.reset()
+    with torch.no_grad():
+        module.validation_step((images, labels), 0)
+    assert float(module.val_metrics["acc"].compute()) == float((logits.argmax(1) == labels).float().mean())
+    with pytest.raises(ValueError, match="target_margin"):
+        build(-1.0)
+
+
 def test_lr_scales_step_matched_parameters_faster_through_the_schedule() -> None:
     """optim.lr_scales: LoRA+ (lora_B at 3x) and a head at 0.5x start at those multiples of the others' learning
     rate and keep them under the warm-up + cosine schedule; a key that matches nothing, or a schedule that resets

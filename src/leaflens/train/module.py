@@ -169,6 +169,10 @@ class ClassifierModule(L.LightningModule):
         scheduler: LR scheduler factory taking ``(optimizer, total_steps=...)``, stepped every optimizer step.
         weight_decay: Weight decay for weight matrices (biases and norms get none).
         label_smoothing: Cross-entropy label smoothing.
+        target_margin: Subtracted from each training image's true-class logit before the loss (for mixed
+            targets, in proportion to each class's share): an additive margin, which with a cosine classifier
+            of scale ``s`` is CosFace's ``s * m`` (Wang et al., CVPR 2018). Validation and test losses and all
+            predictions use the plain logits. 0 is plain cross-entropy.
         class_weights: Optional per-class loss weights (length ``num_classes``).
         freeze_bn_stats: Keep every BatchNorm in eval mode (folded-BN backbones); frozen BNs always are.
         channels_last: Train in channels-last memory format (faster convolutions on CPU and GPU).
@@ -188,6 +192,7 @@ class ClassifierModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         weight_decay: float = 0.05,
         label_smoothing: float = 0.1,
+        target_margin: float = 0.0,
         class_weights: Sequence[float] | None = None,
         freeze_bn_stats: bool = False,
         channels_last: bool = True,
@@ -208,6 +213,9 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"class_weights has {weights.numel()} entries, expected {num_classes}")
         self.register_buffer("class_weights", weights, persistent=False)
         self.label_smoothing = label_smoothing
+        if target_margin < 0:
+            raise ValueError(f"optim.target_margin must be >= 0, got {target_margin}")
+        self.target_margin = target_margin
         self.mixup = mixup(num_classes=num_classes, label_smoothing=0.0) if mixup is not None else None
         metrics = MetricCollection(
             {
@@ -245,12 +253,20 @@ class ClassifierModule(L.LightningModule):
             label_smoothing=self.label_smoothing,
         )
 
+    def _with_margin(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``logits`` less ``target_margin`` on the true class (class indices) or on each class's share of the
+        target (``(B, C)`` probabilities)."""
+        if self.target_margin == 0:
+            return logits
+        shares = targets if targets.ndim == 2 else F.one_hot(targets, logits.shape[-1])
+        return logits - self.target_margin * shares.to(logits.dtype)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         targets = labels
         if self.mixup is not None and labels.numel() % 2 == 0:
             images, targets = self.mixup(images, labels)
-        loss = self._loss(self(images), targets)
+        loss = self._loss(self._with_margin(self(images), targets), targets)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.numel())
         return loss
 

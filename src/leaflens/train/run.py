@@ -231,6 +231,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
             scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
             weight_decay=cfg.optim.weight_decay,
             label_smoothing=cfg.optim.label_smoothing,
+            target_margin=cfg.optim.target_margin,
             class_weights=class_weights(cfg.optim.class_weights, dm),
             freeze_bn_stats=cfg.model.freeze_bn_stats,
             channels_last=cfg.optim.channels_last,
