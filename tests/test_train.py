@@ -405,9 +405,12 @@ def test_target_margin_penalises_the_true_class_in_training_only() -> None:
     assert torch.allclose(build(margin)._with_margin(logits, soft), logits - margin * soft)
 
     module = build(margin)
-    module.val_metrics.reset()
+    logged: dict[str, object] = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # type: ignore[method-assign]
     with torch.no_grad():
         module.validation_step((images, labels), 0)
+    plain_loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+    assert torch.allclose(logged["val_loss"], plain_loss, atol=1e-6)  # type: ignore[arg-type]
     assert float(module.val_metrics["acc"].compute()) == float((logits.argmax(1) == labels).float().mean())
     with pytest.raises(ValueError, match="target_margin"):
         build(-1.0)
