@@ -297,6 +297,13 @@ def test_warmup_lasts_its_fraction_or_minimum_then_decays(
     assert 0.01 <= lrs[-1] < 0.05
 
 
+def _tiny_classifier(head: torch.nn.Module) -> torch.nn.Sequential:
+    """A 3-channel image classifier small enough for loss checks: an 8-channel conv, pooled, then ``head``."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head
+    )
+
+
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 @pytest.mark.parametrize("batch_size", [6, 5])
 def test_mixup_trains_on_mixed_soft_targets_and_leaves_odd_batches_alone(batch_size: int) -> None:
@@ -323,12 +330,7 @@ def test_mixup_trains_on_mixed_soft_targets_and_leaves_odd_batches_alone(batch_s
         return mix
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, num_classes),
-    )
+    net = _tiny_classifier(torch.nn.Linear(8, num_classes))
     module = ClassifierModule(
         net,
         num_classes,
@@ -373,12 +375,7 @@ def test_target_margin_penalises_the_true_class_in_training_only() -> None:
 
     num_classes, smoothing, margin = 4, 0.1, 2.4
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        CosineClassifier(8, num_classes, scale=16.0),
-    )
+    net = _tiny_classifier(CosineClassifier(8, num_classes, scale=16.0))
 
     def build(target_margin: float) -> ClassifierModule:
         return ClassifierModule(
